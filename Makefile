@@ -1,0 +1,49 @@
+# The two commands of the README:
+#   make repro   set up this machine, then run the whole pipeline (dvc repro) on the real data, offline
+#   make test    set up this machine, then run the test suite
+# Both create .venv from requirements.lock and, when run as root, install the Debian package
+# dataset-fashion-mnist (the offline mirror of Fashion-MNIST).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+UV_VERSION := 0.13.9
+DATASET_DIR := /usr/share/datasets/fashion-mnist
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup dataset repro test lock dvc-yaml clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@echo "==> creating $(VENV) from requirements.lock (first time: a few minutes, ~3 GB)"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip install --python $(VENV)/bin/python -r requirements.lock
+	$(VENV)/bin/uv pip install --python $(VENV)/bin/python --no-deps -e .
+	touch $@
+
+dataset:
+	@if [ -f $(DATASET_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "==> offline mirror present: $(DATASET_DIR)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "==> installing the Debian package dataset-fashion-mnist (offline mirror)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "==> $(DATASET_DIR) is missing and this is not root: run 'sudo apt-get install dataset-fashion-mnist'"; \
+	  echo "    (without it the download step falls back to the public mirrors, which need a network)"; \
+	fi
+
+repro: setup dataset
+	dvc repro
+	@echo "==> done: outputs in data/, models/, metrics/, reports/ (dvc metrics show; dvc plots show)"
+
+test: setup dataset
+	pytest
+
+lock:
+	$(VENV)/bin/uv pip compile --python-version 3.11 requirements.in -o requirements.lock
+
+dvc-yaml:
+	python -m components render-dvc > dvc.yaml

@@ -1,0 +1,56 @@
+"""``python -m components <step> [--params params.yaml] [-S key=value ...]``: run one step as DVC does."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from . import registry
+from .config import ParamsError, load_params
+from .io import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components", description=__doc__)
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+    for s in registry.STEPS:
+        p = sub.add_parser(s.name, help=s.description)
+        p.add_argument("--params", default=None, help="params file (default: params.yaml or $PARAMS_FILE)")
+        p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a param for this run only, e.g. -S data.valid_size=100")
+    sub.add_parser("render-dvc", help="print dvc.yaml as rendered from the step registry")
+    sub.add_parser("check-params", help="validate params.yaml and exit")
+    args = parser.parse_args(argv)
+
+    if args.step == "render-dvc":
+        sys.stdout.write(registry.render_dvc_yaml())
+        return 0
+    log = setup_logging(args.step)
+    try:
+        params = load_params(getattr(args, "params", None), getattr(args, "set", None))
+    except ParamsError as err:
+        log.error("%s", err)
+        return 2
+    if args.step == "check-params":
+        log.info("params are valid")
+        return 0
+    step = registry.get(args.step)
+    module = importlib.import_module(f"components.{step.module}")
+    kwargs = {k: Path(v) for k, v in step.paths.items()}
+    if step.takes_params:
+        kwargs["params"] = params
+    try:
+        module.run(**kwargs)
+    except KeyboardInterrupt:
+        log.error("interrupted; rerun the same command to resume")
+        return 130
+    except Exception as err:  # noqa: BLE001 - one clear line for the user, the traceback with LOGLEVEL=DEBUG
+        log.debug("traceback", exc_info=True)
+        log.error("%s: %s", type(err).__name__, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

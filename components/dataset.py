@@ -1,0 +1,89 @@
+"""Parquet storage of image splits: an explicit pyarrow schema and metadata that travels with the file.
+
+Schema: ``pixels`` fixed_size_list<uint8>[H*W*C] (row-major), ``label`` uint8 (the task's label),
+``source_label`` uint8 (the original class), ``source_index`` int32 (row in the source file).
+File metadata (``b"pipeline"`` key, JSON): split name, task, class names, image shape, the SHA-256 of
+the source files.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .io import atomic_path
+
+META_KEY = b"pipeline"
+
+
+def schema(n_pixels: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
+    s = pa.schema(
+        [
+            pa.field("pixels", pa.list_(pa.uint8(), n_pixels), nullable=False),
+            pa.field("label", pa.uint8(), nullable=False),
+            pa.field("source_label", pa.uint8(), nullable=False),
+            pa.field("source_index", pa.int32(), nullable=False),
+        ]
+    )
+    if metadata is not None:
+        s = s.with_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    return s
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # (n, H, W[, C]) uint8
+    y: np.ndarray  # (n,) uint8, the task's label
+    source_label: np.ndarray  # (n,) uint8
+    source_index: np.ndarray  # (n,) int32
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def write_split(path: str | Path, split: Split) -> None:
+    n = len(split)
+    flat = np.ascontiguousarray(split.x.reshape(n, -1), dtype=np.uint8)
+    n_pixels = flat.shape[1]
+    meta = dict(split.meta, image_shape=list(split.x.shape[1:]))
+    pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), type=pa.uint8()), n_pixels)
+    table = pa.Table.from_arrays(
+        [
+            pixels,
+            pa.array(split.y.astype(np.uint8), type=pa.uint8()),
+            pa.array(split.source_label.astype(np.uint8), type=pa.uint8()),
+            pa.array(split.source_index.astype(np.int32), type=pa.int32()),
+        ],
+        schema=schema(n_pixels, meta),
+    )
+    with atomic_path(path) as tmp:
+        # no dictionary encoding, fixed compression: the same arrays give the same bytes
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=False)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    md = pq.read_schema(path).metadata or {}
+    return json.loads(md[META_KEY]) if META_KEY in md else {}
+
+
+def read_split(path: str | Path) -> Split:
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    shape = tuple(meta.get("image_shape", ()))
+    col = table.column("pixels").combine_chunks()
+    flat = col.values.to_numpy(zero_copy_only=False)
+    n = len(table)
+    x = flat.reshape((n, *shape)) if shape else flat.reshape(n, -1)
+    return Split(
+        x=x,
+        y=table.column("label").to_numpy(),
+        source_label=table.column("source_label").to_numpy(),
+        source_index=table.column("source_index").to_numpy(),
+        meta=meta,
+    )

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+BIN = Path(sys.executable).parent  # the venv's bin: python, dvc, mlflow
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PARAMS_FILE", None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def debian_dir() -> Path:
+    if not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(
+            f"{DEBIAN_DIR} is missing: the real-data tests need the Debian package dataset-fashion-mnist "
+            "(`make test` installs it when run as root; otherwise `sudo apt-get install dataset-fashion-mnist`)"
+        )
+    return DEBIAN_DIR
+
+
+@pytest.fixture(scope="session")
+def params():
+    from components.config import load_params
+
+    return load_params(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def real_splits(tmp_path_factory, debian_dir, params):
+    """The real Fashion-MNIST, split by the split step into Parquet (once per session)."""
+    from components import split
+
+    out = tmp_path_factory.mktemp("splits")
+    split.run(params, raw_dir=debian_dir, out_dir=out / "splits", card_json=out / "card.json", card_md=out / "card.md")
+    return out
+
+
+def copy_repo(dest: Path) -> Path:
+    """A temporary git clone of the working tree as it is now (tracked + untracked, not ignored)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+    ).stdout.decode().split("\0")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in filter(None, files):
+        src = ROOT / f
+        if not src.is_file() or src.is_symlink():
+            continue
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / f)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=repo_env(**env), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
