@@ -36,7 +36,7 @@ dataset:
 	fi
 
 repro: setup dataset
-	dvc repro
+	python -m components.worker run -- dvc repro
 	@echo "==> done: outputs in data/, models/, metrics/, reports/ (dvc metrics show; dvc plots show)"
 
 test: setup dataset

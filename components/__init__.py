@@ -6,5 +6,12 @@ Kubeflow component in ``pipeline.py``.  Importing this package must stay cheap: 
 imported only by the training steps that need it.
 """
 
+import os as _os
+
+# TensorFlow C++ INFO lines (CUDA probing, oneDNN, XLA notices) are noise for a user; warnings still show.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if not _os.path.exists("/dev/nvidiactl"):  # no NVIDIA driver here: skip CUDA probing (and its error lines)
+    _os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+
 __all__ = ["__version__"]
 __version__ = "0.1.0"

@@ -6,16 +6,22 @@ import importlib
 import sys
 from pathlib import Path
 
-from . import registry
+from . import registry, worker
 from .config import ParamsError, load_params
 from .io import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    remote = worker.try_remote(argv)  # a warm server (python -m components.worker run -- dvc repro)
+    if remote is not None:
+        return remote
     parser = argparse.ArgumentParser(prog="python -m components", description=__doc__)
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
     for s in registry.STEPS:
         p = sub.add_parser(s.name, help=s.description)
+        if s.foreach:
+            p.add_argument("name", help=f"which entry of '{s.foreach}' in params.yaml")
         p.add_argument("--params", default=None, help="params file (default: params.yaml or $PARAMS_FILE)")
         p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param for this run only, e.g. -S data.valid_size=100")
@@ -37,11 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     step = registry.get(args.step)
     module = importlib.import_module(f"components.{step.module}")
-    kwargs = {k: Path(v) for k, v in step.paths.items()}
+    item = getattr(args, "name", None)
+    if step.foreach:
+        entries = registry.foreach_entries(params, step.foreach)
+        if item not in entries:
+            log.error("no %r in %s of params.yaml; choose one of: %s", item, step.foreach, ", ".join(entries))
+            return 2
+    kwargs: dict = {k: Path(v) for k, v in step.bind(item).items()}
     if step.takes_params:
         kwargs["params"] = params
+    if step.foreach:
+        kwargs["name"] = item
     try:
-        module.run(**kwargs)
+        getattr(module, step.entry)(**kwargs)
     except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to resume")
         return 130

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -81,9 +81,291 @@ class Data(Strict):
         return self
 
 
+# ---------------------------------------------------------------- experiments (model / optimizer / schedule)
+
+ActivationName = Literal["relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "mish", "sigmoid", "tanh"]
+InitializerName = Literal[
+    "glorot_uniform", "glorot_normal", "he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "variance_scaling"
+]
+
+
+def _named(v: Any) -> Any:
+    """Accept the shorthand ``relu`` for ``{name: relu}``."""
+    return {"name": v} if isinstance(v, str) else v
+
+
+class Activation(Strict):
+    name: ActivationName
+    negative_slope: float | None = Field(None, ge=0, description="leaky_relu only (Keras default 0.3)")
+    alpha: float | None = Field(None, gt=0, description="elu only (default 1.0)")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "Activation":
+        if self.negative_slope is not None and self.name != "leaky_relu":
+            raise ValueError("negative_slope applies to leaky_relu only")
+        if self.alpha is not None and self.name != "elu":
+            raise ValueError("alpha applies to elu only")
+        return self
+
+
+class Initializer(Strict):
+    name: InitializerName
+    scale: float = Field(1.0, gt=0, description="variance_scaling only")
+    mode: Literal["fan_in", "fan_out", "fan_avg"] = "fan_in"
+    distribution: Literal["truncated_normal", "untruncated_normal", "uniform"] = "truncated_normal"
+
+
+class Block(Strict):
+    units: int = Field(gt=0)
+    repeat: int = Field(1, gt=0)
+
+
+class DropoutSpec(Strict):
+    kind: Literal["dropout", "alpha_dropout"] = "dropout"
+    rate: float = Field(gt=0, lt=1)
+    where: Literal["every", "output"] = Field(
+        "every", description="every = before each Dense (the book's dropout models); output = before the output only"
+    )
+
+
+class Regularizer(Strict):
+    l1: float = Field(0.0, ge=0)
+    l2: float = Field(0.0, ge=0)
+    output: bool = Field(True, description="also regularize the output layer (the book does)")
+
+
+class ModelSpec(Strict):
+    hidden: list[Block] = Field(min_length=1)
+    activation: Activation
+    initializer: Initializer = Initializer(name="glorot_uniform")
+    output_initializer: Initializer = Initializer(name="glorot_uniform")
+    batch_norm: Literal["none", "before", "after"] = Field(
+        "none", description="BN before the activation (Dense without bias) or after it"
+    )
+    input_batch_norm: bool = False
+    dropout: DropoutSpec | None = None
+    regularizer: Regularizer | None = None
+    max_norm: float | None = Field(None, gt=0, description="max-norm constraint on hidden kernels")
+
+    _activation = field_validator("activation", mode="before")(lambda cls, v: _named(v))
+    _init = field_validator("initializer", "output_initializer", mode="before")(lambda cls, v: _named(v))
+
+    @property
+    def depth(self) -> int:
+        return sum(b.repeat for b in self.hidden)
+
+
+OPTIMIZER_FIELDS = {
+    "sgd": {"momentum", "nesterov"},
+    "adagrad": {"epsilon"},
+    "rmsprop": {"rho", "momentum", "epsilon"},
+    "adam": {"beta_1", "beta_2", "epsilon"},
+    "adamax": {"beta_1", "beta_2", "epsilon"},
+    "nadam": {"beta_1", "beta_2", "epsilon"},
+    "adamw": {"beta_1", "beta_2", "epsilon", "weight_decay"},
+}
+
+
+class OptimizerSpec(Strict):
+    name: Literal["sgd", "adagrad", "rmsprop", "adam", "adamax", "nadam", "adamw"]
+    learning_rate: float = Field(gt=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    nesterov: bool | None = None
+    rho: float | None = Field(None, gt=0, lt=1)
+    beta_1: float | None = Field(None, gt=0, lt=1)
+    beta_2: float | None = Field(None, gt=0, lt=1)
+    epsilon: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    clipvalue: float | None = Field(None, gt=0)
+    clipnorm: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _fields_fit_the_optimizer(self) -> "OptimizerSpec":
+        allowed = OPTIMIZER_FIELDS[self.name]
+        for f in ("momentum", "nesterov", "rho", "beta_1", "beta_2", "epsilon", "weight_decay"):
+            if getattr(self, f) is not None and f not in allowed:
+                raise ValueError(f"'{f}' does not apply to {self.name}; it takes: {', '.join(sorted(allowed)) or 'none'}")
+        return self
+
+
+class PowerSchedule(Strict):
+    kind: Literal["power"]
+    decay_steps: int = Field(gt=0)
+    decay_rate: float = Field(1.0, gt=0)
+
+
+class ExponentialSchedule(Strict):
+    kind: Literal["exponential"]
+    decay_rate: float = Field(0.1, gt=0, lt=1)
+    decay_epochs: float = Field(20, gt=0, description="lr = lr0 * decay_rate ** (epoch / decay_epochs), per step")
+
+
+class PiecewiseSchedule(Strict):
+    kind: Literal["piecewise"]
+    boundaries_epochs: list[int] = Field(min_length=1)
+    values: list[float] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "PiecewiseSchedule":
+        if len(self.values) != len(self.boundaries_epochs) + 1:
+            raise ValueError("values must have exactly one more entry than boundaries_epochs")
+        if any(b <= a for a, b in zip(self.boundaries_epochs, self.boundaries_epochs[1:])):
+            raise ValueError("boundaries_epochs must increase")
+        return self
+
+
+class PerformanceSchedule(Strict):
+    kind: Literal["performance"]
+    factor: float = Field(0.5, gt=0, lt=1)
+    patience: int = Field(5, gt=0)
+    monitor: str = "val_loss"
+
+
+class RangeTest(Strict):
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(128, gt=0)
+    min_lr: float = Field(1e-5, gt=0)
+    max_lr: float = Field(10.0, gt=0)
+    divide_min_by: float = Field(10.0, ge=1, description="max_lr = lr at the lowest (smoothed) loss / this")
+
+
+class OneCycleSchedule(Strict):
+    kind: Literal["one_cycle"]
+    max_lr: float | None = Field(None, gt=0, description="null = pick it with the LR-range test")
+    start_div: float = Field(10.0, gt=1, description="start lr = max_lr / start_div")
+    end_div: float = Field(1000.0, gt=1, description="last lr = start lr / end_div")
+    annihilation: float = Field(0.1, gt=0, lt=1, description="fraction of the steps spent annihilating")
+    range_test: RangeTest = RangeTest()
+
+
+Schedule = Annotated[
+    Union[PowerSchedule, ExponentialSchedule, PiecewiseSchedule, PerformanceSchedule, OneCycleSchedule],
+    Field(discriminator="kind"),
+]
+
+
+class EarlyStopping(Strict):
+    monitor: str = "val_loss"
+    patience: int = Field(gt=0)
+    restore_best_weights: bool = True
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(32, gt=0)
+    inputs: Literal["scaled", "standardized"] = Field("scaled", description="scaled = /255; standardized = per-pixel z-score")
+    early_stopping: EarlyStopping | None = None
+
+
+class Experiment(Strict):
+    description: str = ""
+    task: Literal["full", "a", "b"] = "full"
+    model: ModelSpec
+    optimizer: OptimizerSpec
+    schedule: Schedule | None = None
+    train: TrainSpec
+
+
+class BOnA(Strict):
+    """Fine-tune a clone of model A on task B: frozen reused layers, then unfrozen and re-compiled."""
+
+    frozen_epochs: int = Field(4, gt=0)
+    frozen_learning_rate: float = Field(1e-3, gt=0)
+    unfrozen_epochs: int = Field(16, gt=0)
+    unfrozen_learning_rate: float = Field(1e-4, gt=0)
+
+
+class Transfer(Strict):
+    seeds: list[int] = Field(min_length=1, description="the B side (model_b, b_on_a) is run once per seed")
+    model_a: Experiment
+    model_b: Experiment
+    b_on_a: BOnA = BOnA()
+
+    @model_validator(mode="after")
+    def _tasks(self) -> "Transfer":
+        if self.model_a.task != "a" or self.model_b.task != "b":
+            raise ValueError("model_a must have task: a and model_b task: b")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        return self
+
+
+class MCDropout(Strict):
+    sources: list[str] = Field(min_length=1, description="experiments with dropout whose models are sampled")
+    samples: int = Field(100, gt=0)
+    batch_rows: int = Field(500, gt=0, description="test rows per batched pass (rows x samples per forward call)")
+    ece_bins: int = Field(15, gt=1)
+    reject_fractions: list[float] = Field([0.05, 0.1, 0.2, 0.3])
+
+    @field_validator("reject_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v):
+            raise ValueError("each reject fraction must be in (0, 1)")
+        return v
+
+
+class Runtime(Strict):
+    """How fast, not what: none of these change the hyper-parameters (batch size, epochs)."""
+
+    steps_per_execution: int = Field(1000, gt=0, description="train steps fused into one graph call")
+    jit_compile: Literal["auto", "on", "off"] = Field("auto", description="XLA; auto = on for nets of <= jit_max_depth layers")
+    jit_max_depth: int = Field(10, gt=0)
+    intra_op_threads: int = Field(1, ge=0, description="0 = TensorFlow's default")
+    inter_op_threads: int = Field(2, ge=0)
+    deterministic: bool = True
+    eval_batch_size: int = Field(1000, gt=0)
+    checkpoint_dir: str = Field(".checkpoints", description="resume state of interrupted training (not a DVC output)")
+
+
 class Params(Strict):
     seed: int = Field(42, ge=0, description="global seed: Python, NumPy and TensorFlow")
     data: Data
+    runtime: Runtime = Runtime()
+    defaults: dict[str, Any] = Field(default_factory=dict, description="merged under every experiment and transfer model")
+    experiments: dict[str, Experiment] = Field(default_factory=dict)
+    transfer: Transfer | None = None
+    mc_dropout: MCDropout | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> "Params":
+        if self.mc_dropout:
+            for src in self.mc_dropout.sources:
+                exp = self.experiments.get(src)
+                if exp is None:
+                    raise ValueError(f"mc_dropout.sources: {src!r} is not an experiment; experiments: {', '.join(self.experiments)}")
+                if exp.model.dropout is None:
+                    raise ValueError(f"mc_dropout.sources: experiment {src!r} has no dropout to sample")
+        for name in self.experiments:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"experiment name {name!r}: use letters, digits and '_' only")
+        return self
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    """``over`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = deep_merge(base.get(k), v) if k in base else v
+        return out
+    return copy.deepcopy(over)
+
+
+def resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``defaults`` under each experiment and transfer model (the experiment's own keys win)."""
+    raw = copy.deepcopy(raw)
+    defaults = raw.get("defaults") or {}
+    if isinstance(raw.get("experiments"), dict):
+        raw["experiments"] = {
+            k: deep_merge(defaults, v) if isinstance(v, dict) else v for k, v in raw["experiments"].items()
+        }
+    transfer = raw.get("transfer")
+    if isinstance(transfer, dict):
+        for k in ("model_a", "model_b"):
+            if isinstance(transfer.get(k), dict):
+                transfer[k] = deep_merge(defaults, transfer[k])
+    return raw
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -149,7 +431,7 @@ def validate_params(raw: dict[str, Any], source: str = DEFAULT_PARAMS) -> Params
     if not isinstance(raw, dict):
         raise ParamsError(f"{source} must be a YAML mapping at the top level")
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(resolve_defaults(raw))
     except ValidationError as err:
         raise ParamsError(_format_errors(err, source)) from None
 

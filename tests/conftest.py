@@ -21,6 +21,15 @@ def repo_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tf_runtime():
+    """Thread settings of params.yaml's runtime, applied before any test touches TensorFlow (as a stage does)."""
+    from components import train
+    from components.config import Runtime
+
+    train.configure(Runtime())
+
+
 @pytest.fixture(scope="session")
 def debian_dir() -> Path:
     if not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
@@ -71,3 +80,29 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_ws(tmp_path_factory, debian_dir):
+    """A workspace with tiny params (a slice of the real data) and its data stages already run."""
+    from components import download, split, standardize
+    from components.config import load_params
+
+    from .tiny import write_tiny
+
+    ws = tmp_path_factory.mktemp("tiny_ws")
+    write_tiny(ws / "params.yaml", rows=1200, mirrors=[str(debian_dir)])
+    p = load_params(ws / "params.yaml")
+    download.run(p, out_dir=ws / "data/raw")
+    split.run(p, raw_dir=ws / "data/raw", out_dir=ws / "data/splits", card_json=ws / "metrics/dataset_card.json",
+              card_md=ws / "reports/dataset_card.md")
+    standardize.run(ws / "data/splits", ws / "data/scaler.npz", ws / "metrics/scaler.json")
+    return ws
+
+
+def ws_params(ws: Path, **updates):
+    """Load the workspace's params with dotted-key overrides, checkpoints inside the workspace."""
+    from components.config import load_params
+
+    sets = [f"{k}={v}" for k, v in updates.items()] + [f"runtime.checkpoint_dir={ws / '.checkpoints'}"]
+    return load_params(ws / "params.yaml", sets)

@@ -32,14 +32,14 @@ def clone(tmp_path_factory, debian_dir):
 
 
 def test_repro_runs_the_data_stages_then_is_a_no_op(clone):
-    out = run(["dvc", "repro"], cwd=clone).stdout
+    out = run(["dvc", "repro", "standardize"], cwd=clone).stdout
     for stage in ("download", "split", "standardize"):
         assert f"Running stage '{stage}'" in out
     card = json.loads((clone / "metrics" / "dataset_card.json").read_text())
     assert card["full_train"]["rows"] == 1000 and card["full_valid"]["rows"] == 200 and card["b_train"]["rows"] == 20
-    again = run(["dvc", "repro"], cwd=clone).stdout
+    again = run(["dvc", "repro", "standardize"], cwd=clone).stdout
     assert "Running stage" not in again
-    assert "up to date" in run(["dvc", "status"], cwd=clone).stdout
+    assert "up to date" in run(["dvc", "status", "standardize"], cwd=clone).stdout
     assert "dataset_card.json" in run(["dvc", "metrics", "show"], cwd=clone).stdout
 
 
@@ -50,7 +50,7 @@ def test_rerun_from_scratch_gives_the_same_hashes(clone):
         p = clone / d
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     (clone / "dvc.lock").unlink()
-    run(["dvc", "repro"], cwd=clone)
+    run(["dvc", "repro", "standardize"], cwd=clone)
     assert lock_hashes(clone) == before
 
 
@@ -59,15 +59,15 @@ def test_push_and_pull_through_the_default_remote(clone):
     assert any((clone / "dvcstore").rglob("*")), "nothing was pushed to the default local remote"
     for d in ("data/raw", "data/splits", ".dvc/cache"):
         shutil.rmtree(clone / d)
-    run(["dvc", "pull"], cwd=clone)
+    run(["dvc", "pull", "--with-deps", "standardize"], cwd=clone)
     assert (clone / "data" / "splits" / "b_train.parquet").is_file()
-    assert "up to date" in run(["dvc", "status"], cwd=clone).stdout
+    assert "up to date" in run(["dvc", "status", "standardize"], cwd=clone).stdout
 
 
 def test_exp_run_with_set_param(clone):
     run(["git", "add", "-A"], cwd=clone)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock", "--allow-empty"], cwd=clone)
-    out = run(["dvc", "exp", "run", "-S", "data.valid_size=300"], cwd=clone).stdout
+    out = run(["dvc", "exp", "run", "standardize", "-S", "data.valid_size=300"], cwd=clone).stdout
     assert "Running stage 'split'" in out and "Running stage 'download'" not in out
     card = json.loads((clone / "metrics" / "dataset_card.json").read_text())
     assert card["full_valid"]["rows"] == 300 and card["full_train"]["rows"] == 900

@@ -1,0 +1,102 @@
+"""Experiment step: train one entry of ``experiments`` in params.yaml (one DVC stage / one Kubeflow task each).
+
+Writes the model (``.keras``, self-contained: it takes raw pixels), the per-epoch history (CSV, for
+``dvc plots``), and the final train/valid/test metrics with seconds per epoch (JSON, for ``dvc metrics``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from . import train
+from .config import Experiment, OneCycleSchedule, Params
+from .io import write_json
+from .plots import history_png
+
+log = logging.getLogger("components.experiment")
+
+
+def load_scaler_if(exp: Experiment, scaler_path: Path | None):
+    if exp.train.inputs != "standardized":
+        return None
+    from .standardize import load_scaler
+
+    if scaler_path is None:
+        raise ValueError("standardized inputs need the scaler of the standardize step")
+    return load_scaler(scaler_path)
+
+
+def train_experiment(
+    name: str,
+    exp: Experiment,
+    params: Params,
+    data: train.TaskData,
+    scaler=None,
+    seed: int | None = None,
+    callbacks: list | None = None,
+) -> tuple[Any, dict[str, Any], list[dict], dict[str, Any]]:
+    """Pure-ish core: spec + data in → (model, metrics, history, extras). No files except the resume state."""
+    from .models import build_model, learning_rate, output_for
+
+    seed = params.seed if seed is None else seed
+    train.configure(params.runtime)
+    _, _, loss = output_for(exp.task)
+
+    def build():
+        train.seed_everything(seed)
+        return build_model(exp.model, exp.task, scaler=scaler, seed=seed, name=name)
+
+    extras: dict[str, Any] = {}
+    max_lr = None
+    if isinstance(exp.schedule, OneCycleSchedule) and exp.schedule.max_lr is None:
+        extras["lr_range_test"] = train.lr_range_test(build, exp, data, params.runtime, seed, loss)
+        max_lr = extras["lr_range_test"]["max_lr"]
+    model = build()
+    steps = -(-len(data.x["train"]) // exp.train.batch_size)
+    lr = learning_rate(exp.optimizer, exp.schedule, steps, exp.train.epochs, max_lr)
+    train.compile_model(model, exp, params.runtime, lr, loss, steps)
+    key = train.state_key(name, exp.model_dump(), seed, data.fingerprint, params.runtime.model_dump(), max_lr)
+    ckpt = train.Checkpoint(Path(params.runtime.checkpoint_dir) / f"{name}-{key}")
+    result = train.fit(model, exp, data, params.runtime, seed, exp.train.epochs, ckpt, callbacks, label=name)
+    metrics = train.evaluate(model, data, params.runtime.eval_batch_size)
+    metrics.update(train.timing(result.history))
+    metrics.update(epochs=len(result.history), batch_size=exp.train.batch_size, seed=seed, params_count=int(model.count_params()))
+    if max_lr is not None:
+        metrics["one_cycle_max_lr"] = max_lr
+    if result.resumed_from:
+        metrics["resumed_from_epoch"] = result.resumed_from
+    extras["checkpoint"] = ckpt
+    return model, metrics, result.history, extras
+
+
+def run(
+    params: Params,
+    name: str,
+    splits_dir: Path,
+    scaler_path: Path,
+    model_path: Path,
+    metrics_path: Path,
+    history_path: Path,
+    artifacts_dir: Path,
+) -> dict[str, Any]:
+    if name not in params.experiments:
+        raise KeyError(f"no experiment {name!r} in params.yaml; experiments: {', '.join(params.experiments)}")
+    exp = params.experiments[name]
+    log.info("%s: %s", name, exp.description or "")
+    data = train.load_task(splits_dir, exp.task)
+    model, metrics, history, extras = train_experiment(name, exp, params, data, load_scaler_if(exp, scaler_path))
+    train.save_model(model, model_path)
+    train.write_history_csv(history_path, history)
+    Path(artifacts_dir).mkdir(parents=True, exist_ok=True)
+    history_png(Path(artifacts_dir) / "learning_curves.png", history, name)
+    if "lr_range_test" in extras:
+        rt = extras["lr_range_test"]
+        write_json(Path(artifacts_dir) / "lr_range_test.json", rt)
+        metrics["lr_at_min_loss"] = rt["lr_at_min_loss"]
+    metrics = {"experiment": name, "task": exp.task, **metrics}
+    write_json(metrics_path, metrics)
+    extras["checkpoint"].clear()  # outputs are safely written: the resume state is no longer needed
+    log.info("%s: test_accuracy=%.4f valid_accuracy=%.4f (%.2fs/epoch) -> %s",
+             name, metrics["test_accuracy"], metrics["valid_accuracy"], metrics.get("seconds_per_epoch", 0), model_path)
+    return metrics

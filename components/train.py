@@ -1,0 +1,388 @@
+"""The training loop every experiment uses: Keras ``fit`` with the book's batch size and epochs, made fast,
+deterministic, resumable and safe.
+
+* **Fast**: the data lives in memory as uint8 and is gathered per batch in-graph; ``steps_per_execution``
+  fuses many train steps into one graph call; XLA for small nets; one intra-op thread (tiny matmuls
+  lose more to thread hand-offs than they gain on 2 cores). None of this changes the batch size,
+  the number of steps or the epochs: every update is still one batch of ``batch_size`` images.
+* **Deterministic**: seeds from params, TensorFlow's deterministic ops, and a shuffle order that is a
+  pure function of (seed, epoch), so the same params and data give bit-identical weights.
+* **Resumable**: after each epoch the full training state (model and optimizer variables, RNG states,
+  history) is saved atomically under ``runtime.checkpoint_dir``, keyed by a hash of the spec, seed and
+  data; a rerun after a crash or ``kill -9`` continues from the last finished epoch and ends with the
+  same weights as an uninterrupted run.
+* **Safe**: a NaN/inf loss stops training with ``TrainingDiverged``; no model file is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import Experiment, OneCycleSchedule, PerformanceSchedule, Runtime
+from .dataset import read_split
+from .io import atomic_path, write_json
+
+log = logging.getLogger("components.train")
+
+_CONFIGURED = False
+FAULT_ENV = "CH11_FAULT_KILL_AFTER_EPOCH"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def configure(runtime: Runtime) -> None:
+    """Threading and determinism; must run before TensorFlow executes any op (once per process)."""
+    global _CONFIGURED
+    if _CONFIGURED:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:
+        if runtime.intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(runtime.intra_op_threads)
+        if runtime.inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(runtime.inter_op_threads)
+    except RuntimeError:  # TensorFlow already initialized: its thread pools are fixed now
+        if tf.config.threading.get_intra_op_parallelism_threads() != runtime.intra_op_threads:
+            log.warning("TensorFlow was initialized before the runtime settings could apply: intra-op threads = %s, "
+                        "not %s; numbers may differ from a fresh run", tf.config.threading.get_intra_op_parallelism_threads(),
+                        runtime.intra_op_threads)
+    # On a CPU with one intra-op thread every op is already deterministic (no parallel reductions), and
+    # tests/test_training.py proves bit-identical weights; TensorFlow's op-determinism switch would also
+    # turn XLA off in Keras. Elsewhere (GPU, several threads per op) switch it on.
+    if runtime.deterministic and (runtime.intra_op_threads != 1 or tf.config.list_physical_devices("GPU")):
+        tf.config.experimental.enable_op_determinism()
+    _CONFIGURED = True
+
+
+def seed_everything(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)  # Python, NumPy, TensorFlow / Keras global generator
+
+
+# ------------------------------------------------------------------------------------------ data
+
+@dataclass
+class TaskData:
+    x: dict[str, np.ndarray]  # split -> (n, 784) uint8
+    y: dict[str, np.ndarray]  # split -> (n,) int32 (float32 for binary task b)
+    fingerprint: str  # sha256 of the arrays: keys checkpoints to the exact data
+
+
+def load_task(splits_dir: Path, task: str) -> TaskData:
+    x, y = {}, {}
+    h = hashlib.sha256()
+    for split in ("train", "valid", "test"):
+        s = read_split(Path(splits_dir) / f"{task}_{split}.parquet")
+        x[split] = np.ascontiguousarray(s.x.reshape(len(s), -1))
+        y[split] = s.y.astype(np.float32 if task == "b" else np.int32)
+        h.update(x[split].tobytes())
+        h.update(y[split].tobytes())
+    return TaskData(x, y, h.hexdigest())
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, first_epoch: int, epochs: int):
+    """Batches of ``batch_size`` for epochs ``first_epoch..epochs-1``, in an order fixed by (seed, epoch).
+
+    The uint8 images stay in memory as one tensor; each batch is a gather of row indices.
+    """
+    import tensorflow as tf
+
+    n = len(x)
+    perms = np.stack([epoch_permutation(seed, e, n) for e in range(first_epoch, epochs)])
+    xt, yt = tf.constant(x), tf.constant(y)
+    ds = tf.data.Dataset.from_tensor_slices(perms).flat_map(
+        lambda p: tf.data.Dataset.from_tensor_slices(p).batch(batch_size)
+    )
+    ds = ds.map(lambda i: (tf.cast(tf.gather(xt, i), tf.float32), tf.gather(yt, i)), num_parallel_calls=1, deterministic=True)
+    return ds.prefetch(16)
+
+
+def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int):
+    import tensorflow as tf
+
+    xt, yt = tf.constant(x), tf.constant(y)
+    return tf.data.Dataset.range(len(x)).batch(batch_size).map(
+        lambda i: (tf.cast(tf.gather(xt, i), tf.float32), tf.gather(yt, i))
+    )
+
+
+# ------------------------------------------------------------------------------------------ state
+
+def state_key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Checkpoint:
+    """The whole training state after an epoch: every model and optimizer variable (weights, BN
+    statistics, RNG seeds, slots, iteration count) plus the history so far. Written atomically."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.meta = self.dir / "state.json"
+
+    def _variables(self, model) -> list:
+        return list(model.variables) + list(model.optimizer.variables)
+
+    def save(self, model, epoch: int, history: list[dict]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        arrays = {f"v{i}": np.asarray(v) for i, v in enumerate(self._variables(model))}
+        name = f"epoch_{epoch:04d}.npz"
+        with atomic_path(self.dir / name) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        with atomic_path(self.meta) as tmp:
+            tmp.write_text(json.dumps({"epoch": epoch, "file": name, "history": history}))
+        for old in self.dir.glob("epoch_*.npz"):
+            if old.name != name:
+                old.unlink()
+
+    def load(self, model) -> tuple[int, list[dict]] | None:
+        if not self.meta.is_file():
+            return None
+        meta = json.loads(self.meta.read_text())
+        with np.load(self.dir / meta["file"]) as z:
+            arrays = [z[f"v{i}"] for i in range(len(z.files))]
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        variables = self._variables(model)
+        if len(variables) != len(arrays):
+            log.warning("checkpoint in %s does not fit this model; starting from scratch", self.dir)
+            return None
+        for v, a in zip(variables, arrays):
+            v.assign(a)
+        return int(meta["epoch"]), list(meta["history"])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _make_callbacks(checkpoint: Checkpoint | None, history: list[dict], epochs: int, label: str):
+    import keras
+
+    class Progress(keras.callbacks.Callback):
+        """Per-epoch record (metrics, lr, seconds), NaN guard, checkpoint, and a readable log line."""
+
+        diverged: str | None = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                self.diverged = f"loss became {float(loss)} in epoch {len(history) + 1}"
+                self.model.stop_training = True
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            if self.diverged or not all(math.isfinite(v) for k, v in logs.items() if "loss" in k):
+                self.diverged = self.diverged or f"loss became non-finite in epoch {epoch + 1}: {logs}"
+                self.model.stop_training = True
+                return
+            opt = self.model.optimizer
+            lr = float(np.asarray(opt.learning_rate if not callable(opt._learning_rate) else opt._learning_rate(opt.iterations)))
+            rec = {"epoch": epoch + 1, **logs, "learning_rate": lr, "epoch_seconds": time.perf_counter() - self.t0}
+            history.append(rec)
+            if checkpoint is not None:
+                checkpoint.save(self.model, epoch + 1, history)
+            if os.environ.get(FAULT_ENV) == str(epoch + 1):  # fault injection: a real kill -9, for the resume test
+                os.kill(os.getpid(), signal.SIGKILL)
+            shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
+            log.info("%s epoch %d/%d %s (%.1fs)", label, epoch + 1, epochs, shown, rec["epoch_seconds"])
+
+    return Progress()
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fused_steps(cap: int, steps_per_epoch: int) -> int:
+    """Largest divisor of ``steps_per_epoch`` not above ``cap``: Keras runs whole executions, so a
+    non-divisor would stretch an epoch past its real number of batches."""
+    return max(d for d in range(1, min(cap, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
+
+
+def compile_model(
+    model, exp: Experiment, runtime: Runtime, lr: Any, loss: str, steps_per_epoch: int, jit: bool | None = None
+) -> None:
+    from .models import build_optimizer
+
+    if jit is None:
+        jit = runtime.jit_compile == "on" or (runtime.jit_compile == "auto" and exp.model.depth <= runtime.jit_max_depth)
+    model.compile(
+        loss=loss,
+        optimizer=build_optimizer(exp.optimizer, lr),
+        metrics=["accuracy"],
+        steps_per_execution=fused_steps(runtime.steps_per_execution, steps_per_epoch),
+        jit_compile=bool(jit),
+    )
+
+
+def fit(
+    model,
+    exp: Experiment,
+    data: TaskData,
+    runtime: Runtime,
+    seed: int,
+    epochs: int,
+    checkpoint: Checkpoint | None = None,
+    callbacks: list | None = None,
+    label: str = "",
+) -> FitResult:
+    """``model.fit`` over ``epochs`` epochs (already compiled), resuming from ``checkpoint`` if it holds a state."""
+    import keras
+
+    bs = exp.train.batch_size
+    steps = math.ceil(len(data.x["train"]) / bs)
+    history: list[dict] = []
+    start = 0
+    if checkpoint is not None:
+        restored = checkpoint.load(model)
+        if restored:
+            start, history = restored
+            log.info("%s: resuming after epoch %d/%d from %s", label, start, epochs, checkpoint.dir)
+    progress = _make_callbacks(checkpoint, history, epochs, label)
+    cbs: list = [progress]
+    if isinstance(exp.schedule, PerformanceSchedule):
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=exp.schedule.monitor, factor=exp.schedule.factor, patience=exp.schedule.patience))
+    if exp.train.early_stopping:
+        es = exp.train.early_stopping
+        cbs.append(keras.callbacks.EarlyStopping(monitor=es.monitor, patience=es.patience, restore_best_weights=es.restore_best_weights))
+    cbs += callbacks or []
+    if start < epochs:
+        done = int(model.optimizer.iterations)
+        model.fit(
+            train_dataset(data.x["train"], data.y["train"], bs, seed, start, epochs),
+            validation_data=eval_dataset(data.x["valid"], data.y["valid"], runtime.eval_batch_size),
+            epochs=epochs,
+            initial_epoch=start,
+            steps_per_epoch=steps,
+            callbacks=cbs,
+            shuffle=False,  # the dataset is already in its (seed, epoch) order
+            verbose=0,
+        )
+        if not progress.diverged and not model.stop_training:
+            ran = int(model.optimizer.iterations) - done
+            if ran != steps * (epochs - start):
+                raise RuntimeError(f"{label}: ran {ran} train steps, expected {steps * (epochs - start)}")
+    if progress.diverged:
+        if checkpoint is not None:
+            checkpoint.clear()
+        raise TrainingDiverged(
+            f"{label}: {progress.diverged}. Training stopped and no model was written. "
+            "Lower the optimizer's learning_rate, add clipnorm/clipvalue, or check the inputs in params.yaml."
+        )
+    return FitResult(history, resumed_from=start)
+
+
+def evaluate(model, data: TaskData, batch_size: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for split in ("train", "valid", "test"):
+        res = model.evaluate(eval_dataset(data.x[split], data.y[split], batch_size), verbose=0, return_dict=True)
+        out[f"{split}_loss"] = float(res["loss"])
+        out[f"{split}_accuracy"] = float(res["accuracy"])
+    log.debug("evaluated train/valid/test in %.1fs", time.perf_counter() - t0)
+    return out
+
+
+def timing(history: list[dict]) -> dict[str, float]:
+    secs = [h["epoch_seconds"] for h in history]
+    if not secs:
+        return {}
+    steady = secs[1:] or secs
+    return {"seconds_per_epoch": float(np.median(steady)), "first_epoch_seconds": float(secs[0]), "train_seconds": float(sum(secs))}
+
+
+def lr_range_test(
+    build: Callable[[], Any], exp: Experiment, data: TaskData, runtime: Runtime, seed: int, loss: str
+) -> dict[str, Any]:
+    """The book's LR-range test: 1 epoch (batch 128), lr growing exponentially 1e-5 → 10; returns the
+    per-batch loss curve and max_lr = lr at the lowest smoothed loss / ``divide_min_by``."""
+    import keras
+
+    from .models import ExponentialRange
+
+    assert isinstance(exp.schedule, OneCycleSchedule)
+    rt = exp.schedule.range_test
+    bs = rt.batch_size
+    steps = math.ceil(len(data.x["train"]) / bs) * rt.epochs
+    model = build()
+    model.compile(loss=loss, optimizer=keras.optimizers.SGD(ExponentialRange(rt.min_lr, rt.max_lr, steps)),
+                  metrics=["accuracy"], steps_per_execution=1, jit_compile=False)
+    lrs: list[float] = []
+    losses: list[float] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            # Keras reports the running mean of the epoch; recover this batch's own loss from it
+            mean = float(logs["loss"])
+            k = batch + 1
+            prev = self.prev if batch else 0.0
+            losses.append(k * mean - (k - 1) * prev)
+            self.prev = mean
+            lrs.append(float(rt.min_lr * (rt.max_lr / rt.min_lr) ** (len(lrs) / max(steps - 1, 1))))
+            if not math.isfinite(mean) or (len(losses) > 10 and losses[-1] > 4 * min(losses)):
+                self.model.stop_training = True
+
+    model.fit(train_dataset(data.x["train"], data.y["train"], bs, seed, 0, rt.epochs), epochs=rt.epochs,
+              steps_per_epoch=steps // rt.epochs, callbacks=[Record()], shuffle=False, verbose=0)
+    smooth, ema = [], None
+    for v in losses:
+        ema = v if ema is None else 0.98 * ema + 0.02 * v
+        smooth.append(ema)
+    finite = [i for i, v in enumerate(smooth) if math.isfinite(v)]
+    best = min(finite, key=lambda i: smooth[i])
+    max_lr = lrs[best] / rt.divide_min_by
+    log.info("LR-range test: lowest smoothed loss %.4f at lr %.3g -> max_lr %.3g", smooth[best], lrs[best], max_lr)
+    return {"lr": lrs, "loss": losses, "smoothed_loss": smooth, "lr_at_min_loss": lrs[best], "max_lr": max_lr}
+
+
+def save_model(model, path: Path) -> None:
+    """``model.save`` to a temporary ``.keras`` file beside ``path``, then rename (Keras needs the suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.keras"
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_history_csv(path: Path, history: list[dict]) -> None:
+    keys: list[str] = []
+    for h in history:
+        keys += [k for k in h if k not in keys]
+    lines = [",".join(keys)] + [",".join(f"{h.get(k, '')}" for k in keys) for h in history]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    write_json(path, metrics)
