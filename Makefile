@@ -12,7 +12,7 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup dataset repro test lock dvc-yaml clean
+.PHONY: setup dataset browser repro test lock dvc-yaml mlflow-ui benchmark
 
 setup: $(VENV)/.installed
 
@@ -35,15 +35,30 @@ dataset:
 	  echo "    (without it the download step falls back to the public mirrors, which need a network)"; \
 	fi
 
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "==> installing Debian chromium (the MLflow UI browser test drives it headless)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "==> chromium missing and not root: the browser test will be skipped (sudo apt-get install chromium)"; fi
+
 repro: setup dataset
-	python -m components.worker run -- dvc repro
+	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} python -m components.worker run -- dvc repro
 	@echo "==> done: outputs in data/, models/, metrics/, reports/ (dvc metrics show; dvc plots show)"
 
-test: setup dataset
+test: setup dataset browser
 	pytest
 
 lock:
 	$(VENV)/bin/uv pip compile --python-version 3.11 requirements.in -o requirements.lock
+
+mlflow-ui: setup   # the local runs (sqlite:///mlflow.db + mlartifacts/) at http://127.0.0.1:5000
+	mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
+	  --host 127.0.0.1 --port 5000 --workers 1
+
+benchmark: setup dataset
+	dvc repro standardize
+	python benchmarks/fit_speed.py
 
 dvc-yaml:
 	python -m components render-dvc > dvc.yaml

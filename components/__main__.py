@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("no %r in %s of params.yaml; choose one of: %s", item, step.foreach, ", ".join(entries))
             return 2
     kwargs: dict = {k: Path(v) for k, v in step.bind(item).items()}
-    if step.takes_params:
-        kwargs["params"] = params
+    kwargs["params"] = params
     if step.foreach:
         kwargs["name"] = item
     try:

@@ -311,11 +311,32 @@ class Runtime(Strict):
     steps_per_execution: int = Field(1000, gt=0, description="train steps fused into one graph call")
     jit_compile: Literal["auto", "on", "off"] = Field("auto", description="XLA; auto = on for nets of <= jit_max_depth layers")
     jit_max_depth: int = Field(10, gt=0)
+
+    @field_validator("jit_compile", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
     intra_op_threads: int = Field(1, ge=0, description="0 = TensorFlow's default")
     inter_op_threads: int = Field(2, ge=0)
     deterministic: bool = True
     eval_batch_size: int = Field(1000, gt=0)
     checkpoint_dir: str = Field(".checkpoints", description="resume state of interrupted training (not a DVC output)")
+
+
+class Registry(Strict):
+    models: list[Literal["model_a", "b_on_a", "best_variant"]] = ["model_a", "b_on_a", "best_variant"]
+    alias: str = Field("champion", pattern=r"^[a-zA-Z_][a-zA-Z0-9_-]*$")
+    metric: Literal["valid_accuracy", "test_accuracy"] = Field(
+        "valid_accuracy", description="the alias moves to a new version only if it beats the current one on this"
+    )
+    name_prefix: str = "ch11"
+
+
+class MLflow(Strict):
+    enabled: bool = True
+    experiment_name: str = Field("ch11-training-deep-nets", min_length=1)
+    log_models: bool = True
+    registry: Registry = Registry()
 
 
 class Params(Strict):
@@ -326,6 +347,7 @@ class Params(Strict):
     experiments: dict[str, Experiment] = Field(default_factory=dict)
     transfer: Transfer | None = None
     mc_dropout: MCDropout | None = None
+    mlflow: MLflow = MLflow()
 
     @model_validator(mode="after")
     def _references(self) -> "Params":

@@ -114,7 +114,14 @@ def fetch_all(files: Mapping[str, FileSpec], mirrors: list[str], dest: Path, tim
     return {key: fetch_file(spec, mirrors, dest, timeout) for key, spec in files.items()}
 
 
-def run(params: Params, out_dir: Path) -> dict[str, str]:
+def run(params: Params, out_dir: Path, track: bool = True) -> dict[str, str]:
     files = {k: getattr(params.data.files, k) for k in params.data.files.model_fields}
-    paths = fetch_all(files, params.data.mirrors, out_dir, params.data.download_timeout_s)
+    if not track:
+        return {k: str(p) for k, p in fetch_all(files, params.data.mirrors, out_dir, params.data.download_timeout_s).items()}
+    from . import tracking
+
+    with tracking.step_run("download", params, [], spec={"data": {"dataset": params.data.dataset, "mirrors": params.data.mirrors}}) as tracker:
+        paths = fetch_all(files, params.data.mirrors, out_dir, params.data.download_timeout_s)
+        if tracker is not None:
+            tracker.set_tags({f"sha256.{s.name}": s.sha256 for s in files.values()})
     return {k: str(p) for k, p in paths.items()}

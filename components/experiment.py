@@ -12,7 +12,7 @@ from typing import Any
 from . import train
 from .config import Experiment, OneCycleSchedule, Params
 from .io import write_json
-from .plots import history_png
+from .plots import confusion_png, history_png
 
 log = logging.getLogger("components.experiment")
 
@@ -70,6 +70,13 @@ def train_experiment(
     return model, metrics, result.history, extras
 
 
+def test_predictions(model, data: train.TaskData, batch_size: int):
+    import numpy as np
+
+    p = model.predict(data.x["test"].astype("float32"), batch_size=batch_size, verbose=0)
+    return (p[:, 0] > 0.5).astype(int) if p.shape[-1] == 1 else np.argmax(p, axis=1)
+
+
 def run(
     params: Params,
     name: str,
@@ -80,22 +87,36 @@ def run(
     history_path: Path,
     artifacts_dir: Path,
 ) -> dict[str, Any]:
+    from . import tracking
+    from .dataset import read_meta
+
     if name not in params.experiments:
         raise KeyError(f"no experiment {name!r} in params.yaml; experiments: {', '.join(params.experiments)}")
     exp = params.experiments[name]
     log.info("%s: %s", name, exp.description or "")
-    data = train.load_task(splits_dir, exp.task)
-    model, metrics, history, extras = train_experiment(name, exp, params, data, load_scaler_if(exp, scaler_path))
-    train.save_model(model, model_path)
-    train.write_history_csv(history_path, history)
-    Path(artifacts_dir).mkdir(parents=True, exist_ok=True)
-    history_png(Path(artifacts_dir) / "learning_curves.png", history, name)
-    if "lr_range_test" in extras:
-        rt = extras["lr_range_test"]
-        write_json(Path(artifacts_dir) / "lr_range_test.json", rt)
-        metrics["lr_at_min_loss"] = rt["lr_at_min_loss"]
-    metrics = {"experiment": name, "task": exp.task, **metrics}
-    write_json(metrics_path, metrics)
+    inputs = ["data/splits"] + (["data/scaler.npz"] if exp.train.inputs == "standardized" else [])
+    with tracking.step_run("experiment", params, inputs, run_name=name,
+                           spec={"experiment": name, **exp.model_dump(exclude_none=True)}) as tracker:
+        data = train.load_task(splits_dir, exp.task)
+        model, metrics, history, extras = train_experiment(name, exp, params, data, load_scaler_if(exp, scaler_path))
+        artifacts_dir = Path(artifacts_dir)
+        artifacts_dir.mkdir(parents=True, exist_ok=True)
+        history_png(artifacts_dir / "learning_curves.png", history, name)
+        classes = read_meta(Path(splits_dir) / f"{exp.task}_test.parquet")["class_names"]
+        confusion_png(artifacts_dir / "confusion_matrix.png", data.y["test"], test_predictions(model, data, params.runtime.eval_batch_size), classes, name)
+        if "lr_range_test" in extras:
+            rt = extras["lr_range_test"]
+            write_json(artifacts_dir / "lr_range_test.json", rt)
+            metrics["lr_at_min_loss"] = rt["lr_at_min_loss"]
+        train.save_model(model, model_path)
+        train.write_history_csv(history_path, history)
+        metrics = {"experiment": name, "task": exp.task, **metrics}
+        if tracker is not None:
+            metrics["mlflow_run_id"] = tracker.run_id
+            info = tracker.log_run(model, metrics, history, [history_path, artifacts_dir])
+            if info is not None:
+                metrics["mlflow_model_uri"] = info.model_uri
+        write_json(metrics_path, metrics)
     extras["checkpoint"].clear()  # outputs are safely written: the resume state is no longer needed
     log.info("%s: test_accuracy=%.4f valid_accuracy=%.4f (%.2fs/epoch) -> %s",
              name, metrics["test_accuracy"], metrics["valid_accuracy"], metrics.get("seconds_per_epoch", 0), model_path)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import train
+from . import tracking, train
 from .config import Params
 from .dataset import read_split
 from .io import atomic_path, write_json
@@ -117,6 +117,21 @@ def reliability_png(path: Path, result: dict[str, Any], title: str) -> None:
 
 
 def run(params: Params, name: str, splits_dir: Path, model_path: Path, metrics_path: Path, artifacts_dir: Path) -> dict:
+    cfg = params.mc_dropout
+    if cfg is None:
+        raise ValueError("params.yaml has no 'mc_dropout' section")
+    exp = params.experiments[name]
+    with tracking.step_run("mc_dropout", params, ["data/splits", f"models/experiments/{name}.keras"],
+                           run_name=f"mc_dropout {name}", spec={"source": name, **cfg.model_dump()}) as tracker:
+        metrics = _run(params, name, exp, cfg, splits_dir, model_path, metrics_path, artifacts_dir)
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+            tracker.log_metrics({f"accuracy_after_rejecting_{k}": v for k, v in metrics["accuracy_after_rejecting"].items()})
+            tracker.log_artifact(Path(artifacts_dir))
+    return metrics
+
+
+def _run(params: Params, name: str, exp, cfg, splits_dir: Path, model_path: Path, metrics_path: Path, artifacts_dir: Path) -> dict:
     import keras
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -124,10 +139,6 @@ def run(params: Params, name: str, splits_dir: Path, model_path: Path, metrics_p
     from .dataset import read_meta
     from .models import to_mc
 
-    cfg = params.mc_dropout
-    if cfg is None:
-        raise ValueError("params.yaml has no 'mc_dropout' section")
-    exp = params.experiments[name]
     train.configure(params.runtime)
     train.seed_everything(params.seed)
     data = train.load_task(splits_dir, exp.task)

@@ -35,3 +35,22 @@ def history_png(path: Path, history: list[dict], title: str) -> None:
     axes[2].set(xlabel="epoch", title="learning rate (end of epoch)", yscale="log")
     fig.tight_layout()
     save_png(fig, path)
+
+
+def confusion_png(path: Path, y_true, y_pred, class_names: list[str], title: str) -> None:
+    import numpy as np
+
+    plt = pyplot()
+    k = len(class_names)
+    cm = np.zeros((k, k), dtype=int)
+    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=f"{title}: test confusion matrix")
+    fig.tight_layout()
+    save_png(fig, path)

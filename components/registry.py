@@ -23,7 +23,6 @@ class Step:
     plots: dict[str, str] = field(default_factory=dict)  # run() kwarg -> CSV path (DVC plot, not cached)
     params: tuple[str, ...] = ()
     code: tuple[str, ...] = ()  # extra modules whose change re-runs the step
-    takes_params: bool = True
     description: str = ""
     entry: str = "run"  # the function of ``module`` that does the work
     foreach: str | None = None  # params key (a mapping or a list): one stage per entry, "{item}" in paths
@@ -63,7 +62,6 @@ STEPS: tuple[Step, ...] = (
         inputs={"splits_dir": "data/splits"},
         outputs={"scaler_path": "data/scaler.npz"},
         metrics={"metrics_path": "metrics/scaler.json"},
-        takes_params=False,
         code=("dataset",),
         description="Fit per-pixel mean/std on the training split only.",
     ),

@@ -7,6 +7,7 @@ our validation accuracy at epoch 6, a final test accuracy beside our test accura
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from collections import defaultdict
@@ -173,6 +174,33 @@ def build_report(
     return out, "\n".join(md) + "\n"
 
 
+def log_to_mlflow(params: Params, report: dict, experiments: dict[str, dict], files: list[Path]) -> None:
+    """The report on its own child run and on the parent run; register the best variant; finish the parent."""
+    from . import tracking
+
+    with tracking.step_run("report", params, []) as tracker:
+        if tracker is None:
+            return
+        for f in files:
+            tracker.log_artifact(f)
+        metric = params.mlflow.registry.metric
+        candidates = {n: m for n, m in experiments.items() if m.get("mlflow_model_uri")}
+        if candidates:
+            best = max(candidates, key=lambda n: candidates[n][metric])
+            tracker.set_tags({"best_variant": best})
+            tracking.register(tracker, candidates[best]["mlflow_model_uri"], "best_variant", candidates[best][metric], params)
+        parent = tracker.client.get_run(tracker.run_id).data.tags["mlflow.parentRunId"]
+        parent_tracker = tracking.Tracker(tracker.client, parent, tracker.experiment_id)
+        for f in files:
+            parent_tracker.log_artifact(f, "report")
+        summary = {f"{r['experiment']}.test_accuracy": r["test_accuracy"] for r in report["experiments"] if r.get("test_accuracy") is not None}
+        if "transfer" in report:
+            summary["transfer.error_rate_reduction_mean"] = report["transfer"]["error_rate_reduction"][0]
+        parent_tracker.log_metrics(summary)
+        parent_tracker.set_tags({"experiment_runs": json.dumps({n: m.get("mlflow_run_id") for n, m in experiments.items()})[:5000]})
+        tracker.client.set_terminated(parent, "FINISHED")
+
+
 def run(
     params: Params, experiments_dir: Path, transfer_dir: Path, mc_dir: Path, histories_dir: Path, card_json: Path,
     figures_dir: Path, report_md: Path, report_json: Path,
@@ -189,5 +217,6 @@ def run(
     learning_curves(Path(figures_dir), histories)
     write_text(report_md, md)
     write_json(report_json, report)
+    log_to_mlflow(params, report, experiments, [Path(report_md), Path(report_json), Path(figures_dir)])
     log.info("report: %d experiments -> %s", len(experiments), Path(report_md).resolve())
     return report

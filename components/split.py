@@ -104,7 +104,21 @@ def card_markdown(splits: dict[str, Split]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(params: Params, raw_dir: Path, out_dir: Path, card_json: Path, card_md: Path) -> dict:
+def run(params: Params, raw_dir: Path, out_dir: Path, card_json: Path, card_md: Path, track: bool = True) -> dict:
+    if not track:
+        return _run(params, raw_dir, out_dir, card_json, card_md)
+    from . import tracking
+
+    with tracking.step_run("split", params, ["data/raw"], spec={"data": params.data.model_dump(exclude={"mirrors"})}) as tracker:
+        card = _run(params, raw_dir, out_dir, card_json, card_md)
+        if tracker is not None:
+            tracker.log_metrics({f"{split}_rows": v["rows"] for split, v in card.items()})
+            tracker.log_artifact(Path(card_md))
+            tracker.log_artifact(Path(card_json))
+    return card
+
+
+def _run(params: Params, raw_dir: Path, out_dir: Path, card_json: Path, card_md: Path) -> dict:
     files = params.data.files
     log.info("parsing IDX files in %s", raw_dir)
     train_x, train_y = read_images_labels(raw_dir / files.train_images.name, raw_dir / files.train_labels.name)

@@ -44,8 +44,22 @@ def load_scaler(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return z["mean"], z["std"]
 
 
-def run(splits_dir: Path, scaler_path: Path, metrics_path: Path) -> dict:
-    train = read_split(splits_dir / "full_train.parquet")
+def run(splits_dir: Path, scaler_path: Path, metrics_path: Path, params=None) -> dict:
+    """Fit, save, report; with ``params`` the step is also an MLflow run (scaler and metrics as artifacts)."""
+    if params is None:
+        return _run(splits_dir, scaler_path, metrics_path)
+    from . import tracking
+
+    with tracking.step_run("standardize", params, ["data/splits"]) as tracker:
+        metrics = _run(splits_dir, scaler_path, metrics_path)
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            tracker.log_artifact(Path(scaler_path))
+    return metrics
+
+
+def _run(splits_dir: Path, scaler_path: Path, metrics_path: Path) -> dict:
+    train = read_split(Path(splits_dir) / "full_train.parquet")
     mean, std = fit_scaler(train.x)
     save_scaler(scaler_path, mean, std)
     metrics = {

@@ -233,7 +233,11 @@ def compile_model(
     from .models import build_optimizer
 
     if jit is None:
-        jit = runtime.jit_compile == "on" or (runtime.jit_compile == "auto" and exp.model.depth <= runtime.jit_max_depth)
+        # auto: XLA for small nets only, and never with dropout: XLA's random-number ops are slow on CPU
+        # (the dropout MLP: 30 s/epoch with XLA, 3 s without)
+        jit = runtime.jit_compile == "on" or (
+            runtime.jit_compile == "auto" and exp.model.depth <= runtime.jit_max_depth and exp.model.dropout is None
+        )
     model.compile(
         loss=loss,
         optimizer=build_optimizer(exp.optimizer, lr),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import train
+from . import tracking, train
 from .config import Experiment, Params
 from .experiment import train_experiment
 from .io import read_json, write_json
@@ -34,11 +34,19 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def run_model_a(params: Params, splits_dir: Path, model_path: Path, metrics_path: Path, history_path: Path) -> dict:
     t = _transfer(params)
-    data = train.load_task(splits_dir, "a")
-    model, metrics, history, extras = train_experiment("model_a", t.model_a, params, data)
-    train.save_model(model, model_path)
-    train.write_history_csv(history_path, history)
-    write_json(metrics_path, {"experiment": "model_a", "task": "a", **metrics})
+    with tracking.step_run("model_a", params, ["data/splits"], run_name="model_a",
+                           spec={"experiment": "model_a", **t.model_a.model_dump(exclude_none=True)}) as tracker:
+        data = train.load_task(splits_dir, "a")
+        model, metrics, history, extras = train_experiment("model_a", t.model_a, params, data)
+        train.save_model(model, model_path)
+        train.write_history_csv(history_path, history)
+        metrics = {"experiment": "model_a", "task": "a", **metrics}
+        if tracker is not None:
+            metrics["mlflow_run_id"] = tracker.run_id
+            info = tracker.log_run(model, metrics, history, [history_path])
+            if info is not None:
+                tracking.register(tracker, info.model_uri, "model_a", metrics[params.mlflow.registry.metric], params)
+        write_json(metrics_path, metrics)
     extras["checkpoint"].clear()
     log.info("model_a: test_accuracy=%.4f", metrics["test_accuracy"])
     return metrics
@@ -49,8 +57,14 @@ def run_model_b(params: Params, splits_dir: Path, models_dir: Path, metrics_path
     data = train.load_task(splits_dir, "b")
     per_seed, histories = {}, {}
     for seed in t.seeds:
-        model, metrics, history, extras = train_experiment(f"model_b_seed{seed}", t.model_b, params, data, seed=seed)
-        train.save_model(model, Path(models_dir) / f"seed_{seed}.keras")
+        with tracking.step_run("model_b", params, ["data/splits"], run_name=f"model_b seed {seed}",
+                               spec={"experiment": "model_b", **t.model_b.model_dump(exclude_none=True)}) as tracker:
+            model, metrics, history, extras = train_experiment(f"model_b_seed{seed}", t.model_b, params, data, seed=seed)
+            train.save_model(model, Path(models_dir) / f"seed_{seed}.keras")
+            if tracker is not None:
+                tracker.log_params({"transfer_seed": seed})
+                tracker.log_run(model, metrics, history, [])
+                metrics["mlflow_run_id"] = tracker.run_id
         per_seed[seed], histories[seed] = metrics, history
         extras["checkpoint"].clear()
         log.info("model_b seed %d: test_accuracy=%.4f", seed, metrics["test_accuracy"])
@@ -67,7 +81,8 @@ def _summary(name: str, per_seed: dict[int, dict]) -> dict[str, Any]:
         ms = _mean_std([m[k] for m in per_seed.values()])
         out[f"{k}_mean"], out[f"{k}_std"] = ms["mean"], ms["std"]
     out["seconds_per_epoch"] = float(np.median([m.get("seconds_per_epoch", 0.0) for m in per_seed.values()]))
-    out["per_seed"] = {str(s): {k: m[k] for k in keys} for s, m in per_seed.items()}
+    out["per_seed"] = {str(s): {k: m[k] for k in keys if k in m} | ({"mlflow_run_id": m["mlflow_run_id"]} if "mlflow_run_id" in m else {})
+                       for s, m in per_seed.items()}
     return out
 
 
@@ -159,20 +174,32 @@ def run_b_on_a(
     model_a = keras.models.load_model(model_a_path)
     a_before = [w.copy() for w in model_a.get_weights()]
     b = read_json(model_b_metrics)
-    per_seed, histories, factors = {}, {}, {}
+    per_seed, histories, factors, models_info = {}, {}, {}, {}
     for seed in t.seeds:
-        model, metrics, history = train_b_on_a(params, model_a, data, seed)
-        train.save_model(model, Path(models_dir) / f"seed_{seed}.keras")
-        acc_b = b["per_seed"][str(seed)]["test_accuracy"]
-        factors[seed] = error_rate_reduction(acc_b, metrics["test_accuracy"])
-        metrics["error_rate_reduction"] = factors[seed]
-        metrics["model_b_test_accuracy"] = acc_b
+        spec = {"experiment": "b_on_a", "transfer_seed": seed, **t.b_on_a.model_dump(), "model_b": t.model_b.model_dump(exclude_none=True)}
+        with tracking.step_run("b_on_a", params, ["data/splits", "models/transfer/model_a.keras"],
+                               run_name=f"b_on_a seed {seed}", spec=spec) as tracker:
+            model, metrics, history = train_b_on_a(params, model_a, data, seed)
+            train.save_model(model, Path(models_dir) / f"seed_{seed}.keras")
+            acc_b = b["per_seed"][str(seed)]["test_accuracy"]
+            factors[seed] = error_rate_reduction(acc_b, metrics["test_accuracy"])
+            metrics["error_rate_reduction"] = factors[seed]
+            metrics["model_b_test_accuracy"] = acc_b
+            if tracker is not None:
+                info = tracker.log_run(model, metrics, history, [])
+                tracker.log_metrics({"error_rate_reduction": factors[seed], "model_b_test_accuracy": acc_b})
+                models_info[seed] = (tracker, info)
+                metrics["mlflow_run_id"] = tracker.run_id
         per_seed[seed], histories[seed] = metrics, history
         log.info("b_on_a seed %d: test_accuracy=%.4f vs model_b %.4f -> error-rate reduction x%.2f",
                  seed, metrics["test_accuracy"], acc_b, factors[seed])
     if any(not np.array_equal(x, y) for x, y in zip(a_before, model_a.get_weights())):
         raise RuntimeError("model A's weights changed while training B-on-A: the clone shares layers with A")
     summary = _summary("b_on_a", per_seed)
+    metric = params.mlflow.registry.metric
+    best = max(per_seed, key=lambda sd: per_seed[sd][metric])
+    if best in models_info and models_info[best][1] is not None:  # register the seed that validates best
+        tracking.register(models_info[best][0], models_info[best][1].model_uri, "b_on_a", per_seed[best][metric], params)
     fs = _mean_std(list(factors.values()))
     summary.update(
         error_rate_reduction_mean=fs["mean"], error_rate_reduction_std=fs["std"],

@@ -90,9 +90,11 @@ def _preload() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras  # noqa: F401
     import matplotlib  # noqa: F401
+    import mlflow  # noqa: F401
+    import mlflow.keras  # noqa: F401
     import tensorflow  # noqa: F401
 
-    from . import experiment, mc_dropout, models, report, train, transfer  # noqa: F401
+    from . import experiment, mc_dropout, models, report, tracking, train, transfer  # noqa: F401
 
 
 def _serve_one(conn: socket.socket, digest: str) -> None:

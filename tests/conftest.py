@@ -22,6 +22,66 @@ def repo_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def isolated_tracking(tmp_path_factory):
+    """Tests never write into the repository's mlflow.db: a throw-away sqlite store unless a test says otherwise."""
+    d = tmp_path_factory.mktemp("mlflow_default")
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "CH11_PIPELINE_RUN")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
+    os.environ["CH11_PIPELINE_RUN"] = f"pytest-{os.getpid()}"
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, local artifacts) on 127.0.0.1, stopped by PID at the end."""
+    import signal
+    import time
+    import urllib.request
+
+    d = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=repo_env(),
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError(f"mlflow server did not start:\n{(d / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def tf_runtime():
     """Thread settings of params.yaml's runtime, applied before any test touches TensorFlow (as a stage does)."""
     from components import train

@@ -1,4 +1,4 @@
-"""The whole chapter through `dvc repro` on tiny params (a slice of the real data, 1 epoch), every stage."""
+"""The whole chapter through `dvc repro` on tiny params (a slice of the real data), against a real MLflow server."""
 from __future__ import annotations
 
 import json
@@ -11,25 +11,31 @@ from .conftest import copy_repo, run
 from .tiny import write_tiny
 
 pytestmark = pytest.mark.slow
+EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, debian_dir):
     r = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    write_tiny(r / "params.yaml", mirrors=[str(debian_dir)])
+    write_tiny(r / "params.yaml", mirrors=[str(debian_dir)], epochs=EPOCHS)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=r)
     return r
 
 
-def test_every_stage_runs_and_the_report_holds_every_experiment(repo):
-    proc = run([sys.executable, "-m", "components.worker", "run", "--", "dvc", "repro"], cwd=repo)
-    out = proc.stdout + proc.stderr
+@pytest.fixture(scope="module")
+def repro(repo, mlflow_server):
+    proc = run([sys.executable, "-m", "components.worker", "run", "--", "dvc", "repro"], cwd=repo,
+               MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="tiny-pipeline-1")
+    return proc.stdout + proc.stderr
+
+
+def test_every_stage_runs_and_the_report_holds_every_experiment(repo, repro):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     expected = ["download", "split", "standardize", "model_a", "model_b", "b_on_a", "report"]
     expected += [f"experiment@{n}" for n in params["experiments"]]
     expected += [f"mc_dropout@{n}" for n in params["mc_dropout"]["sources"]]
     for stage in expected:
-        assert f"Running stage '{stage}'" in out, stage
+        assert f"Running stage '{stage}'" in repro, stage
     report = json.loads((repo / "metrics/report.json").read_text())
     assert {r["experiment"] for r in report["experiments"]} == set(params["experiments"])
     assert report["transfer"]["seeds"] == params["transfer"]["seeds"]
@@ -37,16 +43,131 @@ def test_every_stage_runs_and_the_report_holds_every_experiment(repo):
     md = (repo / "reports/report.md").read_text()
     for name in params["experiments"]:
         assert f"| {name} |" in md
-    for name in params["experiments"]:
         m = json.loads((repo / f"metrics/experiments/{name}.json").read_text())
-        assert m["epochs"] == 1 and 0 <= m["test_accuracy"] <= 1
+        assert m["epochs"] == EPOCHS and 0 <= m["test_accuracy"] <= 1
         assert (repo / f"models/experiments/{name}.keras").is_file()
         assert (repo / f"reports/experiments/{name}/learning_curves.png").is_file()
     assert (repo / "reports/experiments/lr_1cycle/lr_range_test.json").is_file()
     assert (repo / "reports/mc_dropout/dropout/reliability.png").is_file()
 
 
-def test_second_repro_is_a_no_op(repo):
+def test_mlflow_hierarchy_metrics_artifacts_lineage_registry(repo, repro, mlflow_server):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(mlflow_server)
+    exp = c.get_experiment_by_name("ch11-training-deep-nets")
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("ch11.step") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["ch11.pipeline_run"] == "tiny-pipeline-1"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    names = {r.data.tags["mlflow.runName"] for r in children}
+    expected = set(params["experiments"]) | {"download", "split", "standardize", "model_a", "report"}
+    expected |= {f"model_b seed {s}" for s in params["transfer"]["seeds"]} | {f"b_on_a seed {s}" for s in params["transfer"]["seeds"]}
+    expected |= {f"mc_dropout {s}" for s in params["mc_dropout"]["sources"]}
+    assert expected <= names, expected - names
+    assert all(r.info.status == "FINISHED" for r in children)
+    lock_md5 = {o["path"]: o["md5"] for st in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values() for o in st.get("outs", [])}
+    head = run(["git", "rev-parse", "HEAD"], cwd=repo).stdout.strip()
+    for r in children:
+        if r.data.tags["ch11.step"] != "experiment":
+            continue
+        name = r.data.tags["mlflow.runName"]
+        for key in ("val_accuracy", "loss", "learning_rate", "epoch_seconds"):
+            hist = c.get_metric_history(r.info.run_id, key)
+            assert [m.step for m in hist] == list(range(1, EPOCHS + 1)), (name, key)
+        assert "final_test_accuracy" in r.data.metrics
+        assert r.data.params["experiment"] == name and "model.hidden.0.units" in r.data.params
+        t = r.data.tags
+        assert t["git.commit"] == head and t["git.dirty"] in ("true", "false") and len(t["params.sha256"]) == 16
+        assert t["device"].startswith(("CPU", "GPU")) and t["version.tensorflow"]
+        assert t["dvc.md5.data/splits"] == lock_md5["data/splits"]
+        inputs = {d.dataset.name: d.dataset.digest for d in r.inputs.dataset_inputs}
+        assert inputs["data/splits"] == lock_md5["data/splits"][:36]
+        arts = {a.path for a in c.list_artifacts(r.info.run_id, name)}
+        assert {f"{name}/learning_curves.png", f"{name}/confusion_matrix.png"} <= arts, arts
+        assert any(a.path.endswith(".csv") for a in c.list_artifacts(r.info.run_id))
+    models = {m.name for m in c.search_logged_models([exp.experiment_id])}
+    assert models, "no model was logged"
+    for short in ("model_a", "b_on_a", "best_variant"):
+        mv = c.get_model_version_by_alias(f"ch11_{short}", "champion")
+        assert float(mv.tags["valid_accuracy"]) >= 0
+    report_arts = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.md" in report_arts
+
+
+def test_second_repro_is_a_no_op(repo, repro):
     out = run(["dvc", "repro"], cwd=repo).stdout
     assert "Running stage" not in out
     assert "up to date" in run(["dvc", "status"], cwd=repo).stdout
+
+
+def test_alias_moves_only_for_a_better_version(repo, repro, mlflow_server):
+    from mlflow import MlflowClient
+
+    from components import tracking
+    from components.config import load_params
+
+    c = MlflowClient(mlflow_server)
+    p = load_params(repo / "params.yaml")
+    current = c.get_model_version_by_alias("ch11_model_a", "champion")
+    run_id = current.run_id
+    tr = tracking.Tracker(c, run_id, c.get_run(run_id).info.experiment_id)
+    worse = tracking.register(tr, current.source, "model_a", float(current.tags["valid_accuracy"]) - 0.1, p)
+    assert not worse["alias_moved"]
+    assert c.get_model_version_by_alias("ch11_model_a", "champion").version == current.version
+    better = tracking.register(tr, current.source, "model_a", float(current.tags["valid_accuracy"]) + 0.1, p)
+    assert better["alias_moved"]
+    assert c.get_model_version_by_alias("ch11_model_a", "champion").version == better["version"]
+
+
+def test_failed_step_is_a_failed_run(repo, repro, mlflow_server):
+    from mlflow import MlflowClient
+
+    proc = run([sys.executable, "-m", "components", "experiment", "opt_sgd", "-S", "experiments.opt_sgd.optimizer.learning_rate=1e8"],
+               cwd=repo, check=False, MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="tiny-pipeline-1")
+    assert proc.returncode == 1
+    c = MlflowClient(mlflow_server)
+    exp = c.get_experiment_by_name("ch11-training-deep-nets")
+    failed = c.search_runs([exp.experiment_id], filter_string="attributes.status = 'FAILED'")
+    assert any("TrainingDiverged" in r.data.tags.get("error", "") for r in failed)
+
+
+def test_mlflow_ui_compare_view_in_a_browser(repo, repro, mlflow_server):
+    """Headless Chromium (Debian's, driven by Playwright) opens the compare view of two child runs."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from .conftest import ROOT
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (make test installs it when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    c = MlflowClient(mlflow_server)
+    exp = c.get_experiment_by_name("ch11-training-deep-nets")
+    runs = {r.data.tags["mlflow.runName"]: r for r in c.search_runs([exp.experiment_id], max_results=1000)}
+    a, b = runs["leaky_relu"], runs["bn_after"]
+    ids = f'["{a.info.run_id}","{b.info.run_id}"]'
+    url = f'{mlflow_server}/#/compare-runs?runs={ids}&experiments=["{exp.experiment_id}"]'
+    shot = ROOT / "test-artifacts" / "mlflow_compare.png"
+    shot.parent.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1400})
+        page.goto(url)
+        page.get_by_text("final_test_accuracy").first.wait_for(timeout=60_000)
+        text = page.inner_text("body")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert "leaky_relu" in text and "bn_after" in text
+    for run_ in (a, b):
+        value = run_.data.metrics["final_test_accuracy"]
+        assert f"{value:.4g}"[:5] in text or f"{value:.3f}" in text, (value, text[:2000])
+    assert shot.stat().st_size > 10_000

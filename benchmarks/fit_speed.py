@@ -1,0 +1,96 @@
+"""Benchmark: the pipeline's training path vs a plain ``model.fit`` of the same model, side by side.
+
+Same model, same data (the real Fashion-MNIST train/valid splits), same batch size, same epochs, same
+optimizer; each way runs in its own fresh process (TensorFlow's thread settings are per process).
+Prints seconds per epoch (median after the first, which includes tracing/compilation), the ratio, and
+both validation accuracies.
+
+    python benchmarks/fit_speed.py                       # both models, after `dvc repro standardize`
+    python benchmarks/fit_speed.py --experiments leaky_relu --epochs 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(mode: str, name: str, epochs: int) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from components import experiment, train
+    from components.config import load_params
+    from components.models import build_model, build_optimizer, output_for
+
+    p = load_params(ROOT / "params.yaml", [f"experiments.{name}.train.epochs={epochs}", "runtime.checkpoint_dir=/tmp/ch11-bench-ckpt"])
+    exp = p.experiments[name]
+    data = train.load_task(ROOT / "data/splits", exp.task)
+    scaler = experiment.load_scaler_if(exp, ROOT / "data/scaler.npz")
+    if mode == "pipeline":
+        _, metrics, history, extras = experiment.train_experiment(name, exp, p, data, scaler)
+        extras["checkpoint"].clear()
+        secs = [h["epoch_seconds"] for h in history]
+        return {"seconds": secs, "val_accuracy": history[-1]["val_accuracy"]}
+    # plain: the textbook call — float inputs in NumPy, model.fit(batch_size=32), default compile settings
+    import keras
+
+    keras.utils.set_random_seed(p.seed)
+    model = build_model(exp.model, exp.task, scaler=scaler, seed=p.seed)
+    model.compile(loss=output_for(exp.task)[2], optimizer=build_optimizer(exp.optimizer, exp.optimizer.learning_rate), metrics=["accuracy"])
+    secs: list[float] = []
+
+    class T(keras.callbacks.Callback):
+        def on_epoch_begin(self, e, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, e, logs=None):
+            secs.append(time.perf_counter() - self.t)
+
+    h = model.fit(data.x["train"].astype(np.float32), data.y["train"], batch_size=exp.train.batch_size, epochs=epochs,
+                  validation_data=(data.x["valid"].astype(np.float32), data.y["valid"]), callbacks=[T()], verbose=0)
+    return {"seconds": secs, "val_accuracy": float(h.history["val_accuracy"][-1])}
+
+
+def median_steady(secs: list[float]) -> float:
+    s = sorted(secs[1:] or secs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiments", nargs="+", default=["leaky_relu", "selu_deep"])
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker[0], a.worker[1], int(a.worker[2]))))
+        return 0
+    if not (ROOT / "data/splits/full_train.parquet").is_file():
+        print("run `dvc repro standardize` first (the benchmark uses the real splits)", file=sys.stderr)
+        return 2
+    print(f"{'experiment':<12} {'way':<9} {'s/epoch':>8} {'val_acc':>8}   (batch size and epochs as in params.yaml; {a.epochs} epochs each)")
+    for name in a.experiments:
+        res = {}
+        for mode in ("plain", "pipeline"):
+            out = subprocess.run([sys.executable, __file__, "--worker", mode, name, str(a.epochs)], capture_output=True,
+                                 text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            if out.returncode:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = res[mode]
+            print(f"{name:<12} {mode:<9} {median_steady(r['seconds']):8.2f} {r['val_accuracy']:8.4f}")
+        ratio = median_steady(res["plain"]["seconds"]) / median_steady(res["pipeline"]["seconds"])
+        print(f"{name:<12} speed-up  {ratio:7.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

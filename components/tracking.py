@@ -1,0 +1,351 @@
+"""MLflow tracking: one parent run per pipeline execution, one child run per step (and per seed).
+
+Where runs go: ``$MLFLOW_TRACKING_URI`` when set (a team server); otherwise a local SQLite store
+``sqlite:///mlflow.db`` in the repository with artifacts in ``mlartifacts/`` (never the deprecated
+``./mlruns`` file store).
+
+Which parent: a pipeline execution is identified by ``$CH11_PIPELINE_RUN`` (``make repro`` sets a fresh
+one per run; on Kubeflow it is the KFP run id). Without it, by the code and params: the git commit
+(+ "dirty") and the hash of params.yaml, so re-running stages of the same code and params joins the same
+parent. ``$MLFLOW_RUN_ID`` names the parent run directly and ``$MLFLOW_EXPERIMENT_ID`` the experiment,
+when the environment provides them. The parent run stays RUNNING while stages join it; the report step
+finishes it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .config import Params
+
+log = logging.getLogger("components.tracking")
+
+PIPELINE_ENV = "CH11_PIPELINE_RUN"
+TAG_PIPELINE = "ch11.pipeline_run"
+TAG_STEP = "ch11.step"
+ROOT = Path.cwd
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used; nothing was trained."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def artifact_root() -> str:
+    return (Path.cwd() / "mlartifacts").as_uri()
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking URI must answer /health within seconds; otherwise a clear error, at once."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - the user's own tracking server
+            if r.status != 200:
+                raise TrackingError(f"MLflow server at {uri} answered {r.status} on /health")
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {uri} ({getattr(err, 'reason', err)}). "
+            "Start it (README: `make mlflow-ui`), fix MLFLOW_TRACKING_URI, or unset it to log to the local "
+            "sqlite store. Nothing was trained."
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------ lineage
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_state() -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def params_hash(path: Path = Path("params.yaml")) -> str:
+    try:
+        resolved = yaml.safe_load(path.read_text())
+    except OSError:
+        return "none"
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dvc_hashes(paths: list[str], lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """The DVC content hash (md5) of each path, as recorded in dvc.lock by the stage that wrote it."""
+    if not lock.is_file():
+        return {}
+    doc = yaml.safe_load(lock.read_text()) or {}
+    found: dict[str, str] = {}
+    for stage in (doc.get("stages") or {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") in paths and out.get("md5"):
+                found[out["path"]] = out["md5"]
+    return found
+
+
+def dvc_remote() -> str:
+    cfg = Path(".dvc/config")
+    if not cfg.is_file():
+        return ""
+    text = cfg.read_text()
+    for line in text.splitlines():
+        if line.strip().startswith("url ="):
+            return line.split("=", 1)[1].strip()
+    return ""
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("tensorflow", "keras", "mlflow", "dvc", "pyarrow", "kfp"):
+        try:
+            out[f"version.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def device() -> str:
+    try:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+    except Exception:  # noqa: BLE001
+        gpus = []
+    return f"GPU x{len(gpus)}" if gpus else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested spec → ``model.hidden.0.units``-style keys (MLflow params are flat strings)."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+class Tracker:
+    """Logging of one step's run (a child of the pipeline's parent run)."""
+
+    def __init__(self, client, run_id: str, experiment_id: str, log_models: bool = True):
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+        self.log_models = log_models
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, prefix: str = "") -> None:
+        import math
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(prefix + k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_history(self, history: list[dict], prefix: str = "") -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(prefix + k, float(v), ts, int(h["epoch"])) for h in history for k, v in h.items()
+                 if k != "epoch" and isinstance(v, (int, float))]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():  # a folder keeps its name: <run>/<folder>/...
+            self.client.log_artifacts(self.run_id, str(path), f"{artifact_path}/{path.name}" if artifact_path else path.name)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_datasets(self, paths: list[str]) -> None:
+        """``mlflow.log_input`` per dataset: the DVC hash as digest, the DVC path (and remote) as source."""
+        import mlflow
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        hashes = dvc_hashes(paths)
+        remote = dvc_remote()
+        for p in paths:
+            digest = hashes.get(p, "untracked")
+            ds = MetaDataset(HTTPDatasetSource(f"dvc://{p}" + (f"?remote={remote}" if remote else "")), name=p, digest=digest[:36])
+            with _active(self.run_id):
+                mlflow.log_input(ds, context="training", tags={"dvc.md5": digest, "dvc.path": p})
+            self.client.set_tag(self.run_id, f"dvc.md5.{p}", digest)
+
+    def log_run(self, model, metrics: dict, history: list[dict], files: list[Path]):
+        """Final metrics, one point per epoch of the history, artifacts and the model of a training run."""
+        self.log_metrics({k: v for k, v in metrics.items() if k.endswith(("accuracy", "loss")) or "seconds" in k},
+                         step=int(metrics.get("epochs", 0)), prefix="final_")
+        self.log_history(history)
+        for f in files:
+            self.log_artifact(f)
+        return self.log_keras_model(model) if self.log_models else None
+
+    def log_keras_model(self, model, name: str = "model", registered_name: str | None = None):
+        """The model in MLflow's Keras flavour with a signature (raw pixels in, probabilities out)."""
+        import mlflow
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        x = np.zeros((2, model.input_shape[-1]), np.float32)
+        sig = infer_signature(x, model.predict(x, verbose=0))
+        reqs = [f"{p}=={v}" for p, v in ((k.split('.', 1)[1], v) for k, v in package_versions().items())
+                if p in ("tensorflow", "keras")]
+        with _active(self.run_id):
+            return mlflow.keras.log_model(model, name=name, signature=sig, pip_requirements=reqs,
+                                          registered_model_name=registered_name)
+
+
+@contextlib.contextmanager
+def _active(run_id: str):
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
+def _experiment_id(client, name: str) -> str:
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    kwargs = {} if os.environ.get("MLFLOW_TRACKING_URI") else {"artifact_location": artifact_root()}
+    try:
+        return client.create_experiment(name, **kwargs)
+    except Exception:  # noqa: BLE001 - created meanwhile by a parallel step
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def pipeline_run_key() -> str:
+    key = os.environ.get(PIPELINE_ENV)
+    if key:
+        return key
+    g = git_state()
+    return f"{g['git.commit'][:12]}{'-dirty' if g['git.dirty'] == 'true' else ''}-params-{params_hash()}"
+
+
+def parent_run(client, experiment_id: str) -> str:
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return os.environ["MLFLOW_RUN_ID"]
+    key = pipeline_run_key()
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PIPELINE}` = '{key}' and tags.`{TAG_STEP}` = 'pipeline'",
+                               max_results=1, order_by=["attributes.start_time ASC"])
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, tags={TAG_PIPELINE: key, TAG_STEP: "pipeline",
+                                                 "mlflow.runName": f"pipeline {key[:40]}", **git_state()})
+    return run.info.run_id
+
+
+def _base_tags(step: str, params: Params, inputs: list[str]) -> dict[str, Any]:
+    tags = {TAG_STEP: step, TAG_PIPELINE: pipeline_run_key(), **git_state(), "params.sha256": params_hash(),
+            "device": device(), **package_versions()}
+    if os.environ.get("KFP_RUN_ID"):
+        tags["kfp.run_id"] = os.environ["KFP_RUN_ID"]
+    return tags
+
+
+@contextlib.contextmanager
+def step_run(step: str, params: Params, inputs: list[str], run_name: str | None = None,
+             spec: dict[str, Any] | None = None, parent: str | None = None) -> Iterator[Tracker | None]:
+    """A child run for one step; FAILED with the error as a tag if the block raises. Yields None when disabled."""
+    if not params.mlflow.enabled:
+        yield None
+        return
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    check_server(uri)
+    client = MlflowClient(uri)
+    exp_id = _experiment_id(client, params.mlflow.experiment_name)
+    parent_id = parent or parent_run(client, exp_id)
+    tags = {"mlflow.parentRunId": parent_id, "mlflow.runName": run_name or step, **_base_tags(step, params, inputs)}
+    run = client.create_run(exp_id, tags=tags)
+    tracker = Tracker(client, run.info.run_id, exp_id, log_models=params.mlflow.log_models)
+    try:
+        if spec is not None:
+            tracker.log_params(spec)
+        tracker.log_params({"seed": params.seed})
+        if inputs:
+            tracker.log_datasets(inputs)
+        yield tracker
+    except BaseException as err:
+        msg = f"{type(err).__name__}: {err}"[:5000]
+        try:
+            client.set_tag(run.info.run_id, "error", msg)
+            client.set_tag(run.info.run_id, "mlflow.note.content", f"**Step failed**\n\n```\n{msg}\n```")
+            client.set_terminated(run.info.run_id, "FAILED")
+        finally:
+            raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def register(tracker: Tracker | None, model_uri: str, short_name: str, value: float, params: Params) -> dict | None:
+    """Register a model version; move the alias to it only if it beats the alias's current version on the metric."""
+    if tracker is None or short_name not in params.mlflow.registry.models:
+        return None
+    reg = params.mlflow.registry
+    name = f"{reg.name_prefix}_{short_name}"
+    client = tracker.client
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - not registered yet
+        client.create_registered_model(name, description=f"Hands-On ML ch. 11: {short_name}")
+    mv = client.create_model_version(name, source=model_uri, run_id=tracker.run_id, tags={reg.metric: str(value)})
+    try:
+        current = client.get_model_version_by_alias(name, reg.alias)
+        best = float(current.tags.get(reg.metric, "-inf"))
+    except Exception:  # noqa: BLE001 - no alias yet
+        current, best = None, float("-inf")
+    moved = value > best
+    if moved:
+        client.set_registered_model_alias(name, reg.alias, mv.version)
+    client.set_tag(tracker.run_id, f"registry.{short_name}", f"{name} v{mv.version}" + (f" ({reg.alias})" if moved else ""))
+    log.info("registered %s version %s (%s=%.4f)%s", name, mv.version, reg.metric, value,
+             f"; alias '{reg.alias}' moved to it" if moved else f"; '{reg.alias}' stays on version {current.version}")
+    return {"name": name, "version": mv.version, "alias_moved": moved}
