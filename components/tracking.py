@@ -336,7 +336,9 @@ def register(tracker: Tracker | None, model_uri: str, short_name: str, value: fl
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - not registered yet
         client.create_registered_model(name, description=f"Hands-On ML ch. 11: {short_name}")
-    mv = client.create_model_version(name, source=model_uri, run_id=tracker.run_id, tags={reg.metric: str(value)})
+    model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None  # an MLflow 3 logged model
+    mv = client.create_model_version(name, source=model_uri, run_id=tracker.run_id, tags={reg.metric: str(value)},
+                                     model_id=model_id)
     try:
         current = client.get_model_version_by_alias(name, reg.alias)
         best = float(current.tags.get(reg.metric, "-inf"))
