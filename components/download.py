@@ -1,4 +1,5 @@
-"""Download step: fetch the dataset files from an ordered list of mirrors, each verified by SHA-256.
+"""Download step: fetch the dataset files from an ordered list of mirrors, each verified by its pinned
+checksums (SHA-256, and the MD5 too where the dataset's authors publish one, as for CIFAR-10).
 
 * A mirror is a local directory (the Debian package ``dataset-fashion-mnist`` installs one at
   ``/usr/share/datasets/fashion-mnist``) or an http(s) base URL; they are tried in order.
@@ -32,12 +33,31 @@ class DownloadError(RuntimeError):
     """No mirror could deliver a file with the pinned checksum."""
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def checksums(spec: FileSpec) -> dict[str, str]:
+    """The pinned hashes of a file: ``sha256``, plus ``md5`` when the spec has one."""
+    return {alg: h for alg in ("sha256", "md5") if (h := getattr(spec, alg, None))}
+
+
+def hashes_of(path: Path, algorithms: tuple[str, ...] = ("sha256",), chunk: int = 1 << 20) -> dict[str, str]:
+    """Hex digests of a file, every algorithm in one read."""
+    hs = {alg: hashlib.new(alg) for alg in algorithms}
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+            for h in hs.values():
+                h.update(block)
+    return {alg: h.hexdigest() for alg, h in hs.items()}
+
+
+def sha256_of(path: Path) -> str:
+    return hashes_of(path)["sha256"]
+
+
+def mismatch(path: Path, spec: FileSpec) -> str | None:
+    """None if ``path`` has every pinned hash of ``spec``, else what differs."""
+    want = checksums(spec)
+    got = hashes_of(path, tuple(want))
+    bad = [f"expected {alg} {h}, got {got[alg]}" for alg, h in want.items() if got[alg] != h]
+    return "; ".join(bad) or None
 
 
 def _local_dir(mirror: str) -> Path | None:
@@ -54,9 +74,8 @@ def _from_local(src_dir: Path, spec: FileSpec, target: Path) -> None:
         raise FileNotFoundError(f"{src} does not exist")
     with atomic_path(target) as tmp:
         shutil.copyfile(src, tmp)
-        got = sha256_of(tmp)
-        if got != spec.sha256:
-            raise ValueError(f"checksum mismatch for {src}: expected sha256 {spec.sha256}, got {got}")
+        if bad := mismatch(tmp, spec):
+            raise ValueError(f"checksum mismatch for {src}: {bad}")
 
 
 def _from_http(base: str, spec: FileSpec, target: Path, timeout: float) -> None:
@@ -65,7 +84,8 @@ def _from_http(base: str, spec: FileSpec, target: Path, timeout: float) -> None:
     url = base.rstrip("/") + "/" + spec.name
     downloader = pooch.HTTPDownloader(progressbar=True, timeout=timeout)
     # pooch downloads to a temporary file in the same folder, checks the hash, then renames it;
-    # on a mismatch it deletes the temporary file and raises ValueError.
+    # on a mismatch it deletes the temporary file and raises ValueError. Other pinned hashes (MD5) are
+    # checked by fetch_file afterwards.
     pooch.retrieve(
         url,
         known_hash=f"sha256:{spec.sha256}",
@@ -76,11 +96,13 @@ def _from_http(base: str, spec: FileSpec, target: Path, timeout: float) -> None:
     )
 
 
-def fetch_file(spec: FileSpec, mirrors: list[str], dest: Path, timeout: float = 60.0) -> Path:
-    """Return ``dest/spec.name`` holding the file with the pinned hash, fetching it if needed."""
+def fetch_file(spec: FileSpec, mirrors: list[str], dest: Path, timeout: float = 60.0, hint: str = OFFLINE_HINT) -> Path:
+    """Return ``dest/spec.name`` holding the file with the pinned hashes, fetching it if needed.
+
+    ``hint`` ends the error raised when no mirror delivers: how to get the file some other way."""
     target = dest / spec.name
     if target.is_file():
-        if sha256_of(target) == spec.sha256:
+        if mismatch(target, spec) is None:
             log.info("%s: cached, checksum verified", spec.name)
             return target
         log.warning("%s: cached copy fails its checksum; discarding it", spec.name)
@@ -93,20 +115,20 @@ def fetch_file(spec: FileSpec, mirrors: list[str], dest: Path, timeout: float = 
                 _from_local(local, spec, target)
             else:
                 _from_http(mirror, spec, target, timeout)
+                if bad := mismatch(target, spec):
+                    raise ValueError(f"checksum mismatch: {bad}")
         except Exception as err:  # noqa: BLE001 - every failure moves on to the next mirror
             reason = f"{type(err).__name__}: {err}"
             failures.append(f"{mirror}: {reason}")
             log.warning("%s: mirror %s failed (%s); trying the next one", spec.name, mirror, reason)
-            if target.exists() and sha256_of(target) != spec.sha256:
+            if target.exists():  # whatever is there failed its checksum
                 target.unlink()
             continue
         log.info("%s: fetched from %s, checksum verified", spec.name, mirror)
         return target
     tried = "\n  - ".join(failures)
-    raise DownloadError(
-        f"could not get {spec.name} (sha256 {spec.sha256}) from any mirror. Tried, in order:\n  - {tried}\n"
-        + OFFLINE_HINT
-    )
+    pinned = ", ".join(f"{alg} {h}" for alg, h in checksums(spec).items())
+    raise DownloadError(f"could not get {spec.name} ({pinned}) from any mirror. Tried, in order:\n  - {tried}\n" + hint)
 
 
 def fetch_all(files: Mapping[str, FileSpec], mirrors: list[str], dest: Path, timeout: float = 60.0) -> dict[str, Path]:

@@ -1,6 +1,6 @@
 """The one builder: a ``ModelSpec`` / ``OptimizerSpec`` / schedule spec from params.yaml → Keras objects.
 
-Every model takes raw pixels (0..255, flattened to 784) and carries its own preprocessing, so a saved
+Every model takes raw pixels (0..255, flattened: 784 for Fashion-MNIST, 3072 for CIFAR-10) and carries its own preprocessing, so a saved
 ``.keras`` file is self-contained: ``Rescaling(1/255)`` and, for standardized inputs, a fixed
 ``Normalization`` holding the per-pixel mean/std fitted on the training split.
 """

@@ -33,6 +33,20 @@ def _subset(split: Split, mask: np.ndarray, labels: np.ndarray, meta: dict) -> S
     return Split(split.x[mask], labels, split.source_label[mask], split.source_index[mask], meta)
 
 
+def train_valid_test(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, valid_size: int
+) -> dict[str, Split]:
+    """valid = the FIRST ``valid_size`` training images, train = the rest, test = the test file (no metadata yet)."""
+    if valid_size >= len(train_y):
+        raise ValueError(f"valid_size={valid_size} leaves no training images (the training file has {len(train_y)})")
+    idx_train = np.arange(len(train_y), dtype=np.int32)
+    return {
+        "train": Split(train_x[valid_size:], train_y[valid_size:], train_y[valid_size:], idx_train[valid_size:]),
+        "valid": Split(train_x[:valid_size], train_y[:valid_size], train_y[:valid_size], idx_train[:valid_size]),
+        "test": Split(test_x, test_y, test_y, np.arange(len(test_y), dtype=np.int32)),
+    }
+
+
 def split_fashion_mnist(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -43,19 +57,11 @@ def split_fashion_mnist(
     base_meta: dict | None = None,
 ) -> dict[str, Split]:
     """Pure function: source arrays in, the nine splits out (keys ``{task}_{split}``)."""
-    if valid_size >= len(train_y):
-        raise ValueError(f"valid_size={valid_size} leaves no training images (the training file has {len(train_y)})")
     bad = np.setdiff1d(np.union1d(np.unique(train_y), np.unique(test_y)), np.arange(10))
     if bad.size:
         raise ValueError(f"labels outside 0..9 in the source files: {bad.tolist()}")
     base_meta = dict(base_meta or {})
-    idx_train = np.arange(len(train_y), dtype=np.int32)
-    idx_test = np.arange(len(test_y), dtype=np.int32)
-    full = {
-        "train": Split(train_x[valid_size:], train_y[valid_size:], train_y[valid_size:], idx_train[valid_size:]),
-        "valid": Split(train_x[:valid_size], train_y[:valid_size], train_y[:valid_size], idx_train[:valid_size]),
-        "test": Split(test_x, test_y, test_y, idx_test),
-    }
+    full = train_valid_test(train_x, train_y, test_x, test_y, valid_size)
     a_classes = task_a_classes(task_b)
     remap = np.full(10, 255, dtype=np.uint8)
     remap[a_classes] = np.arange(len(a_classes), dtype=np.uint8)
@@ -91,8 +97,8 @@ def dataset_card(splits: dict[str, Split]) -> dict:
     return card
 
 
-def card_markdown(splits: dict[str, Split]) -> str:
-    lines = ["# Dataset card: Fashion-MNIST splits", "",
+def card_markdown(splits: dict[str, Split], dataset: str = "Fashion-MNIST") -> str:
+    lines = [f"# Dataset card: {dataset} splits", "",
              "| split | rows | classes (label: name = count) |", "|---|---:|---|"]
     for name, s in splits.items():
         counts = np.bincount(s.y, minlength=len(s.meta["class_names"]))
@@ -132,11 +138,16 @@ def _run(params: Params, raw_dir: Path, out_dir: Path, card_json: Path, card_md:
         "source_sha256": {getattr(files, k).name: getattr(files, k).sha256 for k in files.model_fields},
     }
     splits = split_fashion_mnist(train_x, train_y, test_x, test_y, params.data.valid_size, params.data.task_b, base_meta)
+    return write_splits(splits, out_dir, card_json, card_md)
+
+
+def write_splits(splits: dict[str, Split], out_dir: Path, card_json: Path, card_md: Path, dataset: str = "Fashion-MNIST") -> dict:
+    """Each split as ``out_dir/<name>.parquet``, and the dataset card (JSON + Markdown); returns the card."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, s in splits.items():
         write_split(out_dir / f"{name}.parquet", s)
         log.info("wrote %s: %d rows", out_dir / f"{name}.parquet", len(s))
     card = dataset_card(splits)
     write_json(card_json, card)
-    write_text(card_md, card_markdown(splits))
+    write_text(card_md, card_markdown(splits, dataset))
     return card

@@ -1,16 +1,15 @@
 """Download step against real HTTP mirrors served on 127.0.0.1 by the test."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
 
 from components.config import FileSpec
 from components.download import DownloadError, fetch_all, fetch_file
+
+from .conftest import http_server
 
 GOOD = b"the real bytes of a dataset file\n" * 1000
 
@@ -23,23 +22,8 @@ def mirror_server(tmp_path):
     (root / "good").mkdir(parents=True)
     (root / "good" / "f.gz").write_bytes(GOOD)
     (root / "bad" / "f.gz").write_bytes(GOOD[:-10] + b"corrupted!")  # same size, wrong bytes
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):  # keep the test output clean
-            pass
-
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield base, requests, root
-    server.shutdown()
-    server.server_close()
+    with http_server(root) as (base, requests):
+        yield base, requests, root
 
 
 SPEC = FileSpec(name="f.gz", sha256=hashlib.sha256(GOOD).hexdigest())
