@@ -45,7 +45,7 @@ def train_experiment(
 
     def build():
         train.seed_everything(seed)
-        return build_model(exp.model, exp.task, scaler=scaler, seed=seed, name=name)
+        return build_model(exp.model, exp.task, scaler=scaler, n_inputs=data.x["train"].shape[1], seed=seed, name=name)
 
     extras: dict[str, Any] = {}
     max_lr = None
@@ -58,16 +58,41 @@ def train_experiment(
     train.compile_model(model, exp, params.runtime, lr, loss, steps)
     key = train.state_key(name, exp.model_dump(), seed, data.fingerprint, params.runtime.model_dump(), max_lr)
     ckpt = train.Checkpoint(Path(params.runtime.checkpoint_dir) / f"{name}-{key}")
+    callbacks = list(callbacks or [])
+    health = None
+    if exp.train.diagnostics.enabled:
+        from .diagnostics import GradientHealth
+
+        health = GradientHealth(data.x["train"], data.y["train"], exp.train.diagnostics, label=name,
+                                state_path=ckpt.dir / "diagnostics.json")
+        callbacks.append(health)
     result = train.fit(model, exp, data, params.runtime, seed, exp.train.epochs, ckpt, callbacks, label=name)
     metrics = train.evaluate(model, data, params.runtime.eval_batch_size)
     metrics.update(train.timing(result.history))
+    metrics.update(best_epoch(result.history, exp))
     metrics.update(epochs=len(result.history), batch_size=exp.train.batch_size, seed=seed, params_count=int(model.count_params()))
     if max_lr is not None:
         metrics["one_cycle_max_lr"] = max_lr
     if result.resumed_from:
         metrics["resumed_from_epoch"] = result.resumed_from
+    if health is not None:
+        from .diagnostics import verdict
+
+        metrics["diagnostics"] = {**verdict(health.records, exp.train.diagnostics), "probe_rows": len(health.x),
+                                  "probe_seconds": health.seconds}
+        extras["diagnostics"] = health.records
     extras["checkpoint"] = ckpt
     return model, metrics, result.history, extras
+
+
+def best_epoch(history: list[dict], exp: Experiment) -> dict[str, int]:
+    """The epoch whose weights early stopping keeps: the first best of its monitored metric (val_loss by default)."""
+    monitor = exp.train.early_stopping.monitor if exp.train.early_stopping else "val_loss"
+    seen = [h for h in history if monitor in h]
+    if not seen:
+        return {}
+    sign = -1.0 if "acc" in monitor else 1.0  # Keras' mode "auto": accuracies are maximised, losses minimised
+    return {"best_epoch": int(min(seen, key=lambda h: sign * h[monitor])["epoch"])}
 
 
 def test_predictions(model, data: train.TaskData, batch_size: int):
@@ -86,8 +111,9 @@ def run(
     metrics_path: Path,
     history_path: Path,
     artifacts_dir: Path,
+    diagnostics_path: Path,
 ) -> dict[str, Any]:
-    from . import tracking
+    from . import diagnostics, tracking
     from .dataset import read_meta
 
     if name not in params.experiments:
@@ -108,12 +134,22 @@ def run(
             rt = extras["lr_range_test"]
             write_json(artifacts_dir / "lr_range_test.json", rt)
             metrics["lr_at_min_loss"] = rt["lr_at_min_loss"]
+        records = extras.get("diagnostics", [])
+        if records:
+            diagnostics.heatmap_png(artifacts_dir / "diagnostics.png", records, name)
+            d = metrics["diagnostics"]
+            log.info("%s: gradient health %s (%s)", name, d["verdict"].upper(), d["reason"])
+        diagnostics.write_csv(diagnostics_path, records)  # header only when diagnostics are off (DVC needs the file)
         train.save_model(model, model_path)
         train.write_history_csv(history_path, history)
         metrics = {"experiment": name, "task": exp.task, **metrics}
         if tracker is not None:
             metrics["mlflow_run_id"] = tracker.run_id
             info = tracker.log_run(model, metrics, history, [history_path, artifacts_dir])
+            if records:
+                tracker.log_history(diagnostics.per_epoch_metrics(records))  # grad_norm/dense_001 ... step = epoch
+                tracker.log_artifact(diagnostics_path)
+                tracker.set_tags({"diagnostics.verdict": metrics["diagnostics"]["verdict"]})
             if info is not None:
                 metrics["mlflow_model_uri"] = info.model_uri
         write_json(metrics_path, metrics)

@@ -15,7 +15,7 @@ from .conftest import ROOT, run, ws_params
 def outputs(ws: Path, name: str, tag: str) -> dict[str, Path]:
     d = ws / "out" / tag
     return {"model_path": d / f"{name}.keras", "metrics_path": d / f"{name}.json",
-            "history_path": d / f"{name}.csv", "artifacts_dir": d / name}
+            "history_path": d / f"{name}.csv", "artifacts_dir": d / name, "diagnostics_path": d / "diagnostics" / f"{name}.csv"}
 
 
 def train_weights(ws, name, seed=42, **upd):
