@@ -12,7 +12,7 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup dataset browser repro test lock dvc-yaml mlflow-ui benchmark
+.PHONY: setup dataset browser repro test lock dvc-yaml mlflow-ui benchmark cifar10
 
 setup: $(VENV)/.installed
 
@@ -44,7 +44,8 @@ browser:
 
 repro: setup dataset
 	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} python -m components.worker run -- dvc repro
-	@echo "==> done: outputs in data/, models/, metrics/, reports/ (dvc metrics show; dvc plots show)"
+	@echo "==> done. Report: $(CURDIR)/reports/report.md (figures in reports/figures/);"
+	@echo "    metrics: dvc metrics show; runs: make mlflow-ui, then http://127.0.0.1:5000"
 
 test: setup dataset browser
 	pytest
@@ -62,3 +63,12 @@ benchmark: setup dataset
 
 dvc-yaml:
 	python -m components render-dvc > dvc.yaml
+	python -m components render-dvc cifar10 > cifar10/dvc.yaml
+
+# Exercise 8 (CIFAR-10): a DVC project of its own in cifar10/ (never part of `make repro`); needs a network
+# for the download (or the tarball in cifar10/downloads/). Its runs join the MLflow store of `make mlflow-ui`.
+cifar10: setup
+	cd cifar10 && CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-cifar10-$$(date -u +%Y%m%dT%H%M%SZ)} \
+	  MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  PYTHONPATH=$(CURDIR) python -m components.worker run -- dvc repro
+	@echo "==> done. Summary: $(CURDIR)/cifar10/reports/summary.md (metrics: cd cifar10 && dvc metrics show)"

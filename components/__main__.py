@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from . import registry, worker
+from . import config, registry, worker
 from .config import ParamsError, load_params
 from .io import setup_logging
 
@@ -18,25 +18,34 @@ def main(argv: list[str] | None = None) -> int:
         return remote
     parser = argparse.ArgumentParser(prog="python -m components", description=__doc__)
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
-    for s in registry.STEPS:
+    for s in (s for pipeline in registry.PIPELINES.values() for s in pipeline.steps):
         p = sub.add_parser(s.name, help=s.description)
         if s.foreach:
             p.add_argument("name", help=f"which entry of '{s.foreach}' in params.yaml")
         p.add_argument("--params", default=None, help="params file (default: params.yaml or $PARAMS_FILE)")
         p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param for this run only, e.g. -S data.valid_size=100")
-    sub.add_parser("render-dvc", help="print dvc.yaml as rendered from the step registry")
+        p.add_argument("--bind", action="append", default=[], metavar="ARG=PATH",
+                       help=f"read/write this path instead of the DVC workspace's ({', '.join(s.paths)}); "
+                            "the Kubeflow components bind their artifacts this way")
+    sub.add_parser("render-dvc", help="print dvc.yaml as rendered from the step registry").add_argument(
+        "pipeline", nargs="?", default="main", choices=list(registry.PIPELINES),
+        help="main: dvc.yaml (the chapter); cifar10: cifar10/dvc.yaml (exercise 8)")
     sub.add_parser("check-params", help="validate params.yaml and exit")
     args = parser.parse_args(argv)
 
     if args.step == "render-dvc":
-        sys.stdout.write(registry.render_dvc_yaml())
+        sys.stdout.write(registry.render_dvc_yaml(args.pipeline))
         return 0
     log = setup_logging(args.step)
+    pipeline = registry.PIPELINES["main"] if args.step == "check-params" else registry.pipeline_of(args.step)
     try:
-        params = load_params(getattr(args, "params", None), getattr(args, "set", None))
+        params = load_params(getattr(args, "params", None), getattr(args, "set", None), getattr(config, pipeline.schema))
     except ParamsError as err:
         log.error("%s", err)
+        if pipeline.directory != ".":
+            log.error("the %s steps read %s/params.yaml: run them from %s/ (e.g. `cd %s && dvc repro`)",
+                      pipeline.name, pipeline.directory, pipeline.directory, pipeline.directory)
         return 2
     if args.step == "check-params":
         log.info("params are valid")
@@ -50,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             log.error("no %r in %s of params.yaml; choose one of: %s", item, step.foreach, ", ".join(entries))
             return 2
     kwargs: dict = {k: Path(v) for k, v in step.bind(item).items()}
+    for b in args.bind:
+        key, _, path = b.partition("=")
+        if key not in kwargs or not path:
+            log.error("--bind %r: expected ARG=PATH with ARG one of %s", b, ", ".join(kwargs))
+            return 2
+        kwargs[key] = Path(path)
     kwargs["params"] = params
     if step.foreach:
         kwargs["name"] = item

@@ -56,6 +56,13 @@ class TaskB(Strict):
         return self
 
 
+def check_mirrors(v: list[str]) -> list[str]:
+    for m in v:
+        if "://" in m and not m.startswith(("http://", "https://", "file://")):
+            raise ValueError(f"mirror {m!r}: only local directories, file://, http:// and https:// are supported")
+    return v
+
+
 class Data(Strict):
     dataset: Literal["fashion_mnist"] = "fashion_mnist"
     mirrors: list[str] = Field(min_length=1, description="tried in order; a local directory or an http(s) URL")
@@ -66,13 +73,7 @@ class Data(Strict):
     max_test_rows: int | None = Field(None, gt=0, description="use only the first N rows of the test file (tiny runs)")
     task_b: TaskB = TaskB()
 
-    @field_validator("mirrors")
-    @classmethod
-    def _mirrors(cls, v: list[str]) -> list[str]:
-        for m in v:
-            if "://" in m and not m.startswith(("http://", "https://", "file://")):
-                raise ValueError(f"mirror {m!r}: only local directories, file://, http:// and https:// are supported")
-        return v
+    _mirrors = field_validator("mirrors")(lambda cls, v: check_mirrors(v))
 
     @model_validator(mode="after")
     def _sizes(self) -> "Data":
@@ -250,11 +251,37 @@ class EarlyStopping(Strict):
     restore_best_weights: bool = True
 
 
+class DiagnosticThresholds(Strict):
+    """The verdict rule of components/diagnostics.py (tuned on the real 100-layer SELU / ReLU nets)."""
+
+    vanishing_ratio: float = Field(0.01, gt=0, description="vanishing if first/last hidden RMS gradient < this")
+    exploding_ratio: float = Field(100.0, gt=0, description="exploding if first/last hidden RMS gradient > this")
+    min_act_std: float = Field(0.1, ge=0, description="vanishing (activations collapse) if a hidden activation std < this")
+    min_grad_norm: float = Field(1e-8, ge=0, description="vanishing if a hidden kernel's gradient norm < this")
+
+    @model_validator(mode="after")
+    def _order(self) -> "DiagnosticThresholds":
+        if self.vanishing_ratio >= self.exploding_ratio:
+            raise ValueError("vanishing_ratio must be smaller than exploding_ratio")
+        return self
+
+
+class Diagnostics(Strict):
+    """Gradient norm per Dense kernel and activation mean/std per hidden layer, on a fixed probe batch."""
+
+    enabled: bool = False
+    probe_rows: int = Field(256, gt=0, description="evenly spaced rows of the train split (fixed, no RNG)")
+    every_n_epochs: int = Field(1, gt=0, description="probe after every n-th epoch (and before the first, and after the last)")
+    thresholds: DiagnosticThresholds = DiagnosticThresholds()
+
+
 class TrainSpec(Strict):
     epochs: int = Field(gt=0)
     batch_size: int = Field(32, gt=0)
     inputs: Literal["scaled", "standardized"] = Field("scaled", description="scaled = /255; standardized = per-pixel z-score")
     early_stopping: EarlyStopping | None = None
+    diagnostics: Diagnostics = Field(default_factory=Diagnostics,
+                                     description="per-layer gradient / activation health (components/diagnostics.py)")
 
 
 class Experiment(Strict):
@@ -288,6 +315,19 @@ class Transfer(Strict):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         return self
+
+
+class SeluSimulation(Strict):
+    """The book's NumPy demo: a deep stack of random dense layers (no training) keeps mean ~0 / std ~1 with SELU."""
+
+    layers: int = Field(1000, gt=0)
+    units: int = Field(100, gt=0)
+    rows: int = Field(500, gt=1, description="standardized random inputs, N(0, 1)")
+    seed: int = Field(42, ge=0, description="np.random.seed, as in the book")
+    print_every: int = Field(100, gt=0, description="the layers reported (0, 100, 200, ...)")
+    activations: list[Literal["selu", "relu", "tanh", "sigmoid", "elu"]] = Field(
+        ["selu", "relu", "tanh"], min_length=1,
+        description="each with its init: relu/elu He N(0, 2/n), the others LeCun N(0, 1/n) (the book's SELU setup)")
 
 
 class MCDropout(Strict):
@@ -339,6 +379,63 @@ class MLflow(Strict):
     registry: Registry = Registry()
 
 
+class Toleration(Strict):
+    key: str = "nvidia.com/gpu"
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class Resources(Strict):
+    cpu: str = Field("1", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request, e.g. '2' or '500m'")
+    memory: str = Field("4G", pattern=r"^[0-9]+(\.[0-9]+)?(K|M|G|T|Ki|Mi|Gi|Ti)?$", description="memory request")
+
+
+class Gpu(Strict):
+    """What a training task (experiment, model_a, model_b, b_on_a, mc_dropout) asks of the cluster."""
+
+    required: bool = Field(True, description="a GPU task that sees no GPU fails at once (the request was dropped); false = run on CPU")
+    accelerator: str = Field("nvidia.com/gpu", min_length=1, description="the extended resource requested")
+    count: int = Field(1, ge=1)
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration()])
+    resources: Resources = Resources(cpu="4", memory="16G")
+
+
+class Retry(Strict):
+    num_retries: int = Field(2, ge=0)
+    backoff_seconds: int = Field(60, ge=0)
+    backoff_factor: float = Field(2.0, ge=1)
+    backoff_max_seconds: int = Field(3600, gt=0)
+
+
+class MlflowSecret(Strict):
+    """The Kubernetes secret the tasks read MLflow's address and credentials from (never in params or YAML)."""
+
+    name: str = Field("mlflow-tracking", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    keys: dict[str, str] = Field(
+        default_factory=lambda: {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+                                 "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                                 "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
+        description="secret key -> environment variable",
+    )
+    optional: bool = Field(False, description="true: tasks start even when the secret is missing (local sqlite in the pod)")
+
+
+class Kubeflow(Strict):
+    """How pipeline.py compiles the steps for a Kubeflow cluster; never what is trained (DVC ignores it)."""
+
+    pipeline_name: str = Field("ch11-training-deep-nets", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str = Field("ghcr.io/your-org/ch11-pipeline:0.1.0", min_length=1, description="CPU image (Dockerfile, target cpu)")
+    gpu_image: str = Field("ghcr.io/your-org/ch11-pipeline:0.1.0-gpu", min_length=1, description="GPU image (target gpu)")
+    parallelism: int = Field(8, ge=1, description="foreach tasks (experiments, MC dropout) running at once")
+    caching: bool = True
+    cpu_resources: Resources = Resources()
+    gpu: Gpu = Gpu()
+    retry: Retry = Retry()
+    mlflow_secret: MlflowSecret = MlflowSecret()
+
+
 class Params(Strict):
     seed: int = Field(42, ge=0, description="global seed: Python, NumPy and TensorFlow")
     data: Data
@@ -347,7 +444,9 @@ class Params(Strict):
     experiments: dict[str, Experiment] = Field(default_factory=dict)
     transfer: Transfer | None = None
     mc_dropout: MCDropout | None = None
+    selu_simulation: SeluSimulation = SeluSimulation()
     mlflow: MLflow = MLflow()
+    kubeflow: Kubeflow = Kubeflow()
 
     @model_validator(mode="after")
     def _references(self) -> "Params":
@@ -362,6 +461,43 @@ class Params(Strict):
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"experiment name {name!r}: use letters, digits and '_' only")
         return self
+
+
+# ---------------------------------------------------------------- CIFAR-10 (exercise 8): cifar10/params.yaml
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class ArchiveSpec(FileSpec):
+    md5: str = Field(pattern=r"^[0-9a-f]{32}$", description="MD5 published by the dataset's authors (checked too)")
+
+
+class Cifar10Data(Strict):
+    dataset: Literal["cifar10"] = "cifar10"
+    mirrors: list[str] = Field(min_length=1, description="tried in order; a local directory or an http(s) base URL")
+    archive: ArchiveSpec
+    download_timeout_s: float = Field(60.0, gt=0)
+    train_rows: int = Field(50_000, gt=0, description="images the five training batches must hold together (checked)")
+    test_rows: int = Field(10_000, gt=0, description="images test_batch must hold (checked)")
+    valid_size: int = Field(5000, gt=0, description="the FIRST N training images are the validation split")
+    max_train_rows: int | None = Field(None, gt=0, description="use only the first N training images (quick trial runs)")
+    max_test_rows: int | None = Field(None, gt=0, description="use only the first N test images (quick trial runs)")
+
+    _mirrors = field_validator("mirrors")(lambda cls, v: check_mirrors(v))
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "Cifar10Data":
+        train = min(self.train_rows, self.max_train_rows or self.train_rows)
+        if self.valid_size >= train:
+            raise ValueError(f"valid_size ({self.valid_size}) must be smaller than the training images used ({train})")
+        return self
+
+
+class Cifar10Params(Params):
+    """cifar10/params.yaml: the sections of params.yaml, with CIFAR-10's data and no transfer learning."""
+
+    data: Cifar10Data  # type: ignore[assignment]
+    transfer: None = None
 
 
 def deep_merge(base: Any, over: Any) -> Any:
@@ -390,13 +526,13 @@ def resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, schema: type[Params] = Params) -> str:
     lines = [f"{source} does not fit the params schema ({err.error_count()} problem(s)); nothing was run:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             parent = e["loc"][:-1]
-            allowed = _allowed_keys(parent)
+            allowed = _allowed_keys(parent, schema)
             msg = f"unknown key '{key}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
         else:
             got = e.get("input")
@@ -406,9 +542,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the model found by following ``loc`` from ``Params`` (best effort)."""
-    model: Any = Params
+def _allowed_keys(loc: tuple[Any, ...], schema: type[Params] = Params) -> list[str]:
+    """Field names of the model found by following ``loc`` from ``schema`` (best effort)."""
+    model: Any = schema
     for part in loc:
         field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
         if field is None:
@@ -449,13 +585,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def validate_params(raw: dict[str, Any], source: str = DEFAULT_PARAMS) -> Params:
+def validate_params(raw: dict[str, Any], source: str = DEFAULT_PARAMS, schema: type[Params] = Params) -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source} must be a YAML mapping at the top level")
     try:
-        return Params.model_validate(resolve_defaults(raw))
+        return schema.model_validate(resolve_defaults(raw))
     except ValidationError as err:
-        raise ParamsError(_format_errors(err, source)) from None
+        raise ParamsError(_format_errors(err, source, schema)) from None
 
 
 def load_raw(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -473,7 +609,9 @@ def load_raw(path: str | os.PathLike[str] | None = None, overrides: list[str] | 
     return raw
 
 
-def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Params:
+def load_params(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None, schema: type[Params] = Params
+) -> Params:
     """Read, override (``key=value``) and validate params; raise ``ParamsError`` naming the bad keys."""
     raw = load_raw(path, overrides)
-    return validate_params(raw, str(path or os.environ.get("PARAMS_FILE", DEFAULT_PARAMS)))
+    return validate_params(raw, str(path or os.environ.get("PARAMS_FILE", DEFAULT_PARAMS)), schema)

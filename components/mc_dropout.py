@@ -116,14 +116,26 @@ def reliability_png(path: Path, result: dict[str, Any], title: str) -> None:
     save_png(fig, path, dpi=100)
 
 
-def run(params: Params, name: str, splits_dir: Path, model_path: Path, metrics_path: Path, artifacts_dir: Path) -> dict:
+def run(params: Params, splits_dir: Path, models_dir: Path, metrics_path: Path, artifacts_dir: Path) -> dict:
+    """MC dropout on every model of ``mc_dropout.sources``: one MLflow child run each, one metrics file for all."""
     cfg = params.mc_dropout
     if cfg is None:
         raise ValueError("params.yaml has no 'mc_dropout' section")
+    results = {}
+    for name in cfg.sources:
+        results[name] = run_one(params, name, splits_dir, Path(models_dir) / f"{name}.keras", Path(artifacts_dir) / name)
+    write_json(metrics_path, results)
+    return results
+
+
+def run_one(params: Params, name: str, splits_dir: Path, model_path: Path, artifacts_dir: Path) -> dict:
+    cfg = params.mc_dropout
     exp = params.experiments[name]
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"no trained model for {name!r} at {model_path}: run its experiment stage first")
     with tracking.step_run("mc_dropout", params, ["data/splits", f"models/experiments/{name}.keras"],
                            run_name=f"mc_dropout {name}", spec={"source": name, **cfg.model_dump()}) as tracker:
-        metrics = _run(params, name, exp, cfg, splits_dir, model_path, metrics_path, artifacts_dir)
+        metrics = _run(params, name, exp, cfg, splits_dir, model_path, artifacts_dir)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
             tracker.log_metrics({f"accuracy_after_rejecting_{k}": v for k, v in metrics["accuracy_after_rejecting"].items()})
@@ -131,7 +143,7 @@ def run(params: Params, name: str, splits_dir: Path, model_path: Path, metrics_p
     return metrics
 
 
-def _run(params: Params, name: str, exp, cfg, splits_dir: Path, model_path: Path, metrics_path: Path, artifacts_dir: Path) -> dict:
+def _run(params: Params, name: str, exp, cfg, splits_dir: Path, model_path: Path, artifacts_dir: Path) -> dict:
     import keras
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -172,7 +184,7 @@ def _run(params: Params, name: str, exp, cfg, splits_dir: Path, model_path: Path
         "accuracy_after_rejecting": result["accuracy_after_rejecting"],
         "per_class": result["per_class"],
     }
-    write_json(metrics_path, metrics)
+    write_json(artifacts_dir / "metrics.json", metrics)
     write_json(artifacts_dir / "calibration.json", {k: result[k] for k in ("deterministic_calibration", "mc_calibration")})
     log.info("%s: deterministic %.4f, MC dropout (%d samples) %.4f; ECE %.4f -> %.4f", name,
              metrics["deterministic_accuracy"], cfg.samples, metrics["mc_accuracy"], metrics["deterministic_ece"], metrics["mc_ece"])

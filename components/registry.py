@@ -7,7 +7,9 @@ paths instead. ``params`` lists the params.yaml keys whose change must re-run th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import os
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -27,6 +29,7 @@ class Step:
     entry: str = "run"  # the function of ``module`` that does the work
     foreach: str | None = None  # params key (a mapping or a list): one stage per entry, "{item}" in paths
     plot_y: str = "val_accuracy"
+    plot_axes: dict[str, tuple[str, str]] = field(default_factory=dict)  # plots kwarg -> (x, y) when not (epoch, plot_y)
     gpu: bool = False  # a training step: a GPU task on Kubeflow
 
     @property
@@ -72,9 +75,10 @@ STEPS: tuple[Step, ...] = (
         inputs={"splits_dir": "data/splits", "scaler_path": "data/scaler.npz"},
         outputs={"model_path": "models/experiments/{item}.keras", "artifacts_dir": "reports/experiments/{item}"},
         metrics={"metrics_path": "metrics/experiments/{item}.json"},
-        plots={"history_path": "plots/experiments/{item}.csv"},
+        plots={"history_path": "plots/experiments/{item}.csv", "diagnostics_path": "plots/diagnostics/{item}.csv"},
+        plot_axes={"diagnostics_path": ("depth", "grad_norm")},
         params=("seed", "runtime", "defaults", "experiments.{item}"),
-        code=("train", "models", "config", "dataset"),
+        code=("train", "models", "config", "dataset", "diagnostics"),
         gpu=True,
         description="Train one experiment of params.yaml (model/optimizer/schedule spec) and evaluate it.",
     ),
@@ -121,20 +125,32 @@ STEPS: tuple[Step, ...] = (
     Step(
         name="mc_dropout",
         module="mc_dropout",
-        foreach="mc_dropout.sources",
-        inputs={"splits_dir": "data/splits", "model_path": "models/experiments/{item}.keras"},
-        outputs={"artifacts_dir": "reports/mc_dropout/{item}"},
-        metrics={"metrics_path": "metrics/mc_dropout/{item}.json"},
-        params=("seed", "mc_dropout.samples", "mc_dropout.batch_rows", "mc_dropout.ece_bins", "mc_dropout.reject_fractions"),
+        inputs={"splits_dir": "data/splits", "models_dir": "models/experiments"},
+        outputs={"artifacts_dir": "reports/mc_dropout"},
+        metrics={"metrics_path": "metrics/mc_dropout.json"},
+        params=("seed", "experiments", "mc_dropout"),
         code=("models", "train", "dataset"),
         gpu=True,
-        description="MC dropout on a trained dropout model: batched stochastic passes, BN in inference mode.",
+        description="MC dropout on each trained dropout model of mc_dropout.sources: batched stochastic passes, BN in inference mode.",
+    ),
+    Step(
+        name="selu_simulation",
+        module="selu_simulation",
+        outputs={"figure_path": "reports/selu_simulation.png"},
+        metrics={"metrics_path": "metrics/selu_simulation.json"},
+        plots={"csv_path": "plots/selu_simulation.csv"},
+        plot_axes={"csv_path": ("layer", "selu_std")},
+        params=("selu_simulation",),
+        code=("config",),
+        description="The book's NumPy simulation: 1,000 random dense layers keep mean ~0 / std ~1 with SELU (vs ReLU, tanh).",
     ),
     Step(
         name="report",
         module="report",
-        inputs={"experiments_dir": "metrics/experiments", "transfer_dir": "metrics/transfer",
-                "mc_dir": "metrics/mc_dropout", "histories_dir": "plots/experiments", "card_json": "metrics/dataset_card.json"},
+        inputs={"experiments_dir": "metrics/experiments", "model_a_metrics": "metrics/transfer/model_a.json",
+                "model_b_metrics": "metrics/transfer/model_b.json", "b_on_a_metrics": "metrics/transfer/b_on_a.json",
+                "mc_json": "metrics/mc_dropout.json", "histories_dir": "plots/experiments", "card_json": "metrics/dataset_card.json",
+                "selu_simulation_json": "metrics/selu_simulation.json"},
         outputs={"figures_dir": "reports/figures", "report_md": "reports/report.md"},
         metrics={"report_json": "metrics/report.json"},
         params=("experiments", "transfer.seeds"),
@@ -142,6 +158,82 @@ STEPS: tuple[Step, ...] = (
         description="Gather every experiment into one table (Markdown + JSON) with the book's values and learning curves.",
     ),
 )
+
+
+def _reused(name: str, new_name: str, description: str) -> Step:
+    return replace(next(s for s in STEPS if s.name == name), name=new_name, description=description)
+
+
+# CIFAR-10 (exercise 8) is a pipeline of its own: cifar10/dvc.yaml in a DVC project of its own
+# (`dvc init --subdir`), so the chapter's `dvc repro` / `dvc status` never see it. Its paths are
+# relative to cifar10/; it reads cifar10/params.yaml (schema: config.Cifar10Params).
+CIFAR10_STEPS: tuple[Step, ...] = (
+    Step(
+        name="cifar10_download",
+        module="cifar10",
+        entry="run_download",
+        outputs={"out_dir": "data/raw"},
+        params=("data.mirrors", "data.archive"),
+        code=("download", "config"),
+        description="Fetch cifar-10-python.tar.gz (the authors' MD5 and the pinned SHA-256 checked); needs a network.",
+    ),
+    Step(
+        name="cifar10_split",
+        module="cifar10",
+        entry="run_split",
+        inputs={"raw_dir": "data/raw"},
+        outputs={"out_dir": "data/splits", "card_md": "reports/dataset_card.md"},
+        metrics={"card_json": "metrics/dataset_card.json"},
+        params=("data.archive", "data.train_rows", "data.test_rows", "data.valid_size", "data.max_train_rows",
+                "data.max_test_rows"),
+        code=("split", "dataset", "config"),
+        description="Read the pickle batches inside the tarball (never extracted), check them; write train/valid/test Parquet.",
+    ),
+    _reused("standardize", "cifar10_standardize", "Fit per-pixel mean/std on the CIFAR-10 training split only."),
+    _reused("experiment", "cifar10_experiment", "Train one variant of exercise 8 (cifar10/params.yaml) and evaluate it."),
+    _reused("mc_dropout", "cifar10_mc_dropout", "MC dropout on the alpha-dropout variant of exercise 8."),
+    Step(
+        name="cifar10_summary",
+        module="cifar10",
+        entry="run_summary",
+        inputs={"experiments_dir": "metrics/experiments", "mc_json": "metrics/mc_dropout.json"},
+        outputs={"summary_md": "reports/summary.md"},
+        metrics={"summary_json": "metrics/summary.json"},
+        params=("experiments", "mc_dropout.sources"),
+        description="One table of the variants: validation and test accuracy, epochs, best epoch, seconds per epoch.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A DVC pipeline rendered from this registry: its steps, its folder (dvc.yaml and params.yaml live
+    there; a folder other than "." is a DVC project of its own) and the schema of its params.yaml."""
+
+    name: str
+    steps: tuple[Step, ...]
+    directory: str = "."
+    schema: str = "Params"  # a class of components.config
+
+    @property
+    def dvc_yaml(self) -> str:
+        return os.path.normpath(os.path.join(self.directory, "dvc.yaml"))
+
+    @property
+    def root(self) -> str:
+        """The repository root seen from the pipeline's folder ("" for the main pipeline)."""
+        rel = os.path.relpath(".", self.directory)
+        return "" if rel == "." else rel + "/"
+
+
+PIPELINES: dict[str, Pipeline] = {
+    "main": Pipeline("main", STEPS),
+    "cifar10": Pipeline("cifar10", CIFAR10_STEPS, directory="cifar10", schema="Cifar10Params"),
+}
+
+
+def pipeline_of(step_name: str) -> Pipeline:
+    return next(p for p in PIPELINES.values() if any(s.name == step_name for s in p.steps))
 
 
 def foreach_entries(params: Any, key: str) -> list[str]:
@@ -154,11 +246,37 @@ def foreach_entries(params: Any, key: str) -> list[str]:
     return list(obj.keys()) if isinstance(obj, dict) else list(obj)
 
 
+# Sections every task's params keep: required (data), global (seed), how-not-what (runtime, mlflow).
+ALWAYS_KEPT = ("data", "seed", "runtime", "mlflow")
+
+
+def task_params(raw: dict[str, Any], step: Step, item: str | None = None) -> dict[str, Any]:
+    """The slice of params one task sees on Kubeflow: what its DVC stage declares (+ ``ALWAYS_KEPT``).
+
+    Kubeflow caches a task on its inputs, so a task gets only the params it depends on: editing one
+    experiment re-runs that experiment (and what reads it), as with DVC. ``raw`` must have its defaults
+    merged (config.resolve_defaults); ``experiments`` is cut to the declared entries and a foreach over
+    ``mc_dropout.sources`` to its own item.
+    """
+    keep: dict[str, Any] = {k: raw[k] for k in ALWAYS_KEPT if k in raw}
+    for key in step.params:
+        top, _, rest = key.replace("{item}", item or "").partition(".")
+        if top == "experiments" and rest:
+            name = rest.split(".", 1)[0]
+            keep.setdefault("experiments", {})[name] = raw["experiments"][name]
+        elif top in raw:
+            keep[top] = raw[top]
+    if step.foreach == "mc_dropout.sources" and "mc_dropout" in keep:
+        keep["mc_dropout"] = {**keep["mc_dropout"], "sources": [item]}
+    return copy.deepcopy(keep)
+
+
 def get(name: str) -> Step:
-    for s in STEPS:
+    steps = [s for p in PIPELINES.values() for s in p.steps]
+    for s in steps:
         if s.name == name:
             return s
-    raise KeyError(f"unknown step {name!r}; steps: {', '.join(s.name for s in STEPS)}")
+    raise KeyError(f"unknown step {name!r}; steps: {', '.join(s.name for s in steps)}")
 
 
 def _dvc_path(p: str, foreach: str | None) -> str:
@@ -171,12 +289,13 @@ def _foreach_is_mapping(foreach: str) -> bool:
     return foreach == "experiments"
 
 
-def dvc_stage(step: Step) -> dict[str, Any]:
-    code = [f"components/{c}" if "." in c else f"components/{c}.py" for c in (step.module, *step.code)]
+def dvc_stage(step: Step, root: str = "") -> dict[str, Any]:
+    """The stage of ``step``; ``root`` is the repository root seen from the dvc.yaml's folder ("" or "../")."""
+    code = [f"{root}components/{c}" if "." in c else f"{root}components/{c}.py" for c in (step.module, *step.code)]
     deps = code + list(step.inputs.values())
     fe = step.foreach
     stage: dict[str, Any] = {"desc": step.description}
-    cmd = f"python -m components {step.name}"
+    cmd = (f"PYTHONPATH={root.rstrip('/')} " if root else "") + f"python -m components {step.name}"
     if fe:
         cmd += " ${key}" if _foreach_is_mapping(fe) else " ${item}"
     stage["cmd"] = cmd
@@ -187,7 +306,8 @@ def dvc_stage(step: Step) -> dict[str, Any]:
     if step.metrics:
         stage["metrics"] = [{_dvc_path(p, fe): {"cache": False}} for p in step.metrics.values()]
     if step.plots:
-        stage["plots"] = [{_dvc_path(p, fe): {"cache": False, "x": "epoch", "y": step.plot_y}} for p in step.plots.values()]
+        axes = {k: step.plot_axes.get(k, ("epoch", step.plot_y)) for k in step.plots}
+        stage["plots"] = [{_dvc_path(p, fe): {"cache": False, "x": axes[k][0], "y": axes[k][1]}} for k, p in step.plots.items()]
     if fe:
         return {"foreach": "${" + fe + "}", "do": stage}
     return stage
@@ -196,6 +316,7 @@ def dvc_stage(step: Step) -> dict[str, Any]:
 HEADER = "# Rendered from components/registry.py by `make dvc-yaml`; do not edit by hand (a test checks it).\n"
 
 
-def render_dvc_yaml() -> str:
-    doc = {"stages": {s.name: dvc_stage(s) for s in STEPS}}
+def render_dvc_yaml(pipeline: str = "main") -> str:
+    p = PIPELINES[pipeline]
+    doc = {"stages": {s.name: dvc_stage(s, p.root) for s in p.steps}}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)

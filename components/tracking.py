@@ -14,6 +14,7 @@ finishes it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -77,24 +78,45 @@ def _git(*args: str) -> str:
 
 
 def git_state() -> dict[str, str]:
+    if os.environ.get("CH11_GIT_COMMIT"):  # in a Kubeflow container: recorded by pipeline.py at compile time
+        return {"git.commit": os.environ["CH11_GIT_COMMIT"], "git.dirty": os.environ.get("CH11_GIT_DIRTY", "false")}
     commit = _git("rev-parse", "HEAD") or "unknown"
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
-def params_hash(path: Path = Path("params.yaml")) -> str:
+def _load_yaml(path: Path) -> Any:
+    """YAML with libyaml's C loader, cached by (path, mtime, size): dvc.lock of the whole chapter takes
+    seconds to parse in pure Python, and every step's lineage reads it."""
+    st = path.stat()
+    return _load_yaml_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_yaml_cached(path: str, mtime_ns: int, size: int) -> Any:
+    return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def params_hash(path: Path | None = None) -> str:
+    path = Path(path or os.environ.get("PARAMS_FILE", "params.yaml"))
     try:
-        resolved = yaml.safe_load(path.read_text())
+        resolved = _load_yaml(path)
     except OSError:
         return "none"
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def dvc_hashes(paths: list[str], lock: Path = Path("dvc.lock")) -> dict[str, str]:
-    """The DVC content hash (md5) of each path, as recorded in dvc.lock by the stage that wrote it."""
+    """The DVC content hash (md5) of each path, as recorded in dvc.lock by the stage that wrote it.
+
+    In a Kubeflow container there is no dvc.lock: pipeline.py passes the hashes it read at compile time.
+    """
+    if os.environ.get("CH11_DVC_HASHES"):
+        recorded = json.loads(os.environ["CH11_DVC_HASHES"])
+        return {p: recorded[p] for p in paths if p in recorded}
     if not lock.is_file():
         return {}
-    doc = yaml.safe_load(lock.read_text()) or {}
+    doc = _load_yaml(lock) or {}
     found: dict[str, str] = {}
     for stage in (doc.get("stages") or {}).values():
         for out in stage.get("outs", []):
@@ -194,23 +216,28 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_datasets(self, paths: list[str]) -> None:
         """``mlflow.log_input`` per dataset: the DVC hash as digest, the DVC path (and remote) as source."""
-        import mlflow
         from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
 
         hashes = dvc_hashes(paths)
         remote = dvc_remote()
+        inputs, tags = [], {}
         for p in paths:
             digest = hashes.get(p, "untracked")
             ds = MetaDataset(HTTPDatasetSource(f"dvc://{p}" + (f"?remote={remote}" if remote else "")), name=p, digest=digest[:36])
-            with _active(self.run_id):
-                mlflow.log_input(ds, context="training", tags={"dvc.md5": digest, "dvc.path": p})
-            self.client.set_tag(self.run_id, f"dvc.md5.{p}", digest)
+            # what mlflow.log_input sends, in one call and without a fluent start_run per dataset
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
+                InputTag("mlflow.data.context", "training"), InputTag("dvc.md5", digest), InputTag("dvc.path", p)]))
+            tags[f"dvc.md5.{p}"] = digest
+        self.client.log_inputs(self.run_id, datasets=inputs)
+        self.set_tags(tags)
 
     def log_run(self, model, metrics: dict, history: list[dict], files: list[Path]):
         """Final metrics, one point per epoch of the history, artifacts and the model of a training run."""
@@ -287,6 +314,8 @@ def _base_tags(step: str, params: Params, inputs: list[str]) -> dict[str, Any]:
             "device": device(), **package_versions()}
     if os.environ.get("KFP_RUN_ID"):
         tags["kfp.run_id"] = os.environ["KFP_RUN_ID"]
+    if os.environ.get("CH11_DATA_VERSION"):
+        tags["data.version"] = os.environ["CH11_DATA_VERSION"]
     return tags
 
 

@@ -61,6 +61,12 @@ def configure(runtime: Runtime) -> None:
             log.warning("TensorFlow was initialized before the runtime settings could apply: intra-op threads = %s, "
                         "not %s; numbers may differ from a fresh run", tf.config.threading.get_intra_op_parallelism_threads(),
                         runtime.intra_op_threads)
+    # A Kubeflow GPU task (pipeline.py sets CH11_REQUIRE_GPU) must not silently train on CPU.
+    if os.environ.get("CH11_REQUIRE_GPU") == "1" and not tf.config.list_physical_devices("GPU"):
+        raise RuntimeError(
+            "this Kubeflow task requested a GPU but TensorFlow sees none (the request was dropped, the node has no "
+            "driver, or the image is the CPU build). Check the task's node and image (kubeflow.gpu_image), or set "
+            "kubeflow.gpu.required: false in params.yaml to let it train on CPU.")
     # On a CPU with one intra-op thread every op is already deterministic (no parallel reductions), and
     # tests/test_training.py proves bit-identical weights; TensorFlow's op-determinism switch would also
     # turn XLA off in Keras. Elsewhere (GPU, several threads per op) switch it on.
@@ -79,7 +85,7 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class TaskData:
-    x: dict[str, np.ndarray]  # split -> (n, 784) uint8
+    x: dict[str, np.ndarray]  # split -> (n, pixels) uint8: 784 (Fashion-MNIST), 3072 (CIFAR-10)
     y: dict[str, np.ndarray]  # split -> (n,) int32 (float32 for binary task b)
     fingerprint: str  # sha256 of the arrays: keys checkpoints to the exact data
 

@@ -18,6 +18,7 @@ environment, and streams its output back. Semantics are unchanged:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -166,10 +167,12 @@ def serve(path: str, ready: threading.Event | None = None) -> None:
         threading.Thread(target=_serve_one, args=(conn, digest), daemon=True).start()
 
 
-def run_with_server(cmd: list[str], path: str) -> int:
-    """Start a server, run ``cmd`` with $CH11_WORKER set, stop the server."""
+@contextlib.contextmanager
+def serving(path: str):
+    """A server for the duration of the block, with $CH11_WORKER set for the processes it starts."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen([sys.executable, "-m", "components.worker", "serve", "--socket", path])
+    old = os.environ.get(ENV)
     try:
         deadline = time.monotonic() + 120
         while not os.path.exists(path):
@@ -177,11 +180,14 @@ def run_with_server(cmd: list[str], path: str) -> int:
                 print("[worker] server did not start; running without it", file=sys.stderr)
                 break
             time.sleep(0.2)
-        env = dict(os.environ)
         if os.path.exists(path):
-            env[ENV] = path
-        return subprocess.call(cmd, env=env)
+            os.environ[ENV] = path
+        yield
     finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
         server.terminate()
         try:
             server.wait(10)
@@ -189,6 +195,12 @@ def run_with_server(cmd: list[str], path: str) -> int:
             server.kill()
         if os.path.exists(path):
             os.unlink(path)
+
+
+def run_with_server(cmd: list[str], path: str) -> int:
+    """Start a server, run ``cmd`` with $CH11_WORKER set, stop the server."""
+    with serving(path):
+        return subprocess.call(cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,147 @@
+"""The Kubeflow edge of a step: run one registry step inside a KFP component, on its artifacts.
+
+A component body in ``pipeline.py`` calls ``run_step`` with its artifacts; this binds them to the step's
+``run()`` arguments (``--bind``) and runs exactly the CLI a DVC stage runs (``python -m components``),
+so both orchestrators call the same function with the same params schema. Importing this module is
+cheap (no TensorFlow): under ``pipeline.py run-local`` the step itself runs in the warm stage server.
+
+What it adds around the step:
+
+* **params**: the task's slice of params.yaml (``registry.task_params``) arrives as YAML text, is written
+  to a file and validated by the one schema before any work;
+* **context**: the KFP run id joins the MLflow parent run (``CH11_PIPELINE_RUN = kfp-<run id>``, tag
+  ``kfp.run_id``), and the git commit and DVC data hashes recorded at compile time become the lineage
+  tags (there is no git checkout or dvc.lock inside the container); ``data_version`` keys the cache;
+* **GPU**: a task that requested a GPU and sees none fails at once with a clear message (a dropped GPU
+  request is a known cluster failure mode), unless params allow CPU;
+* **artifacts**: fan-in inputs (a list of artifacts from a ParallelFor) become the directory the step
+  expects; each output artifact carries the workspace path it stands for in its metadata, and
+  Metrics artifacts get the step's scalar metrics for the KFP UI.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import registry
+
+log = logging.getLogger("components.kfp")
+
+GPU_ENV = "CH11_REQUIRE_GPU"
+
+
+# Readers that go by the file name (Keras loads only ``*.keras``): such a file lives inside its artifact,
+# as ``<artifact>/<workspace name>``; every other file or directory is the artifact itself.
+NAMED_SUFFIXES = (".keras",)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def artifact_file(art_path: str | Path, workspace_path: str) -> Path:
+    """Where the step reads or writes ``workspace_path`` inside an artifact at ``art_path``."""
+    art_path = Path(art_path)
+    return art_path / Path(workspace_path).name if workspace_path.endswith(NAMED_SUFFIXES) else art_path
+
+
+def _materialize(values: list[Any], into: Path) -> Path:
+    """A fan-in input: the artifacts of a ParallelFor, laid out as the directory the step reads."""
+    into.mkdir(parents=True, exist_ok=True)
+    for art in values:
+        rel = (art.metadata or {}).get("file")
+        if not rel:
+            raise ValueError(f"artifact {art.uri} has no 'file' metadata: was it written by a ch11 component?")
+        src, dst = artifact_file(art.path, rel), into / Path(rel).name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    return into
+
+
+def _scalars(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numbers of a metrics JSON (nested keys joined by '.') for the KFP UI."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def set_context(step: registry.Step, data_version: str) -> None:
+    """Environment the step's tracking reads: the MLflow parent run and the data version.
+
+    pipeline.py sets the rest as container env (outside KFP's cache key): ``KFP_RUN_ID`` from the pod's
+    ``pipeline/runid`` label, ``CH11_GIT_COMMIT``/``CH11_GIT_DIRTY`` and ``CH11_DVC_HASHES`` recorded at
+    compile time, and ``CH11_REQUIRE_GPU`` on GPU tasks (checked by ``train.configure``).
+    """
+    run_id = os.environ.get("KFP_RUN_ID", "")
+    if run_id:
+        os.environ.setdefault("CH11_PIPELINE_RUN", f"kfp-{run_id}")
+    os.environ["CH11_DATA_VERSION"] = data_version
+    if not step.gpu:
+        os.environ.pop(GPU_ENV, None)
+
+
+def foreach_item(step: registry.Step, params_yaml: str) -> str | None:
+    """The entry a foreach task runs: its params slice holds exactly one (see registry.task_params)."""
+    if not step.foreach:
+        return None
+    from .config import validate_params
+
+    import yaml
+
+    entries = registry.foreach_entries(validate_params(yaml.safe_load(params_yaml)), step.foreach)
+    if len(entries) != 1:
+        raise ValueError(f"{step.name}: the task's params must hold exactly one entry of {step.foreach}, got {entries}")
+    return entries[0]
+
+
+def run_step(step_name: str, params_yaml: str, data_version: str, **artifacts: Any) -> dict[str, Any]:
+    """Run registry step ``step_name`` on KFP artifacts with its params slice; return its metrics.
+
+    ``data_version`` (the DVC hash of the raw data) is an input only so that KFP's cache key holds it.
+    """
+    from .__main__ import main
+    from .io import setup_logging
+
+    setup_logging(step_name)
+    step = registry.get(step_name)
+    item = foreach_item(step, params_yaml)
+    expected = set(step.paths)
+    if set(artifacts) != expected:
+        raise TypeError(f"component for {step_name}: artifacts {sorted(artifacts)} != registry's {sorted(expected)}")
+    set_context(step, data_version)
+    workspace = step.bind(item)
+    with tempfile.TemporaryDirectory(prefix=f"ch11-{step_name}-") as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(params_yaml)
+        os.environ["PARAMS_FILE"] = str(params_file)
+        argv = [step_name] + ([item] if item else []) + ["--params", str(params_file)]
+        for kwarg, art in artifacts.items():
+            if kwarg in step.inputs and _is_list(art):
+                path = _materialize(art, Path(tmp) / kwarg)
+            else:
+                path = artifact_file(art.path, workspace[kwarg])
+                if kwarg not in step.inputs:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    art.metadata.update({"file": workspace[kwarg], "step": step_name, "item": item or ""})
+            argv += ["--bind", f"{kwarg}={path}"]
+        log.info("running step %s%s on Kubeflow artifacts", step_name, f" {item}" if item else "")
+        code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"step {step_name}{' ' + item if item else ''} failed (exit code {code}); its log is above")
+    metrics: dict[str, Any] = {}
+    for kwarg in step.metrics:
+        art = artifacts[kwarg]
+        data = json.loads(Path(art.path).read_text())
+        metrics.update(data)
+        if hasattr(art, "log_metric"):
+            for k, v in _scalars(data).items():
+                art.log_metric(k, v)
+    return metrics

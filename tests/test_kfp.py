@@ -1,0 +1,350 @@
+"""pipeline.py: the Kubeflow pipeline is the DVC pipeline (same steps, same params), compiles with the cluster
+settings, runs whole under kfp.local with the same numbers as `dvc repro`, and submits over HTTP."""
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import sys
+import threading
+import time
+import typing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import registry
+from components.config import load_raw, resolve_defaults
+
+from .conftest import ROOT, copy_repo, free_port, run
+from .tiny import write_tiny
+
+sys.path.insert(0, str(ROOT))
+import pipeline  # noqa: E402
+
+SECRET = "s3cr3t-value-that-must-not-leak"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, monkeypatch_module):
+    # credentials in the compiling shell must never reach the YAML
+    monkeypatch_module.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    monkeypatch_module.setenv("MLFLOW_TRACKING_USERNAME", SECRET + "-user")
+    out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
+    assert pipeline.main(["compile", "-o", str(out)]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return {"text": out.read_text(), "spec": docs[0], "platform": docs[1]["platforms"]["kubernetes"]["deploymentSpec"]}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _artifact_args(fn) -> dict[str, str]:
+    """Component argument -> 'in' / 'out' for the artifact arguments of a component function."""
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        ann = p.annotation
+        if getattr(ann, "__origin__", None) is typing.Annotated or "Input" in str(ann) or "Output" in str(ann):
+            out[name] = "out" if "Output" in str(ann) else "in"
+    return out
+
+
+def test_one_component_per_registry_step_with_the_step_arguments():
+    assert set(pipeline.FUNCTIONS) == {s.name for s in registry.STEPS}
+    for step in registry.STEPS:
+        args = _artifact_args(pipeline.FUNCTIONS[step.name])
+        assert {k for k, v in args.items() if v == "in"} == set(step.inputs), step.name
+        assert {k for k, v in args.items() if v == "out"} == set(step.outputs) | set(step.metrics) | set(step.plots), step.name
+        # the body calls the shared step function, nothing else
+        src = inspect.getsource(pipeline.FUNCTIONS[step.name])
+        assert f'run_step("{step.name}"' in src
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the compiled pipeline, loops flattened: name -> task spec (with its DAG's loop items)."""
+    comps = spec["components"]
+    found: dict[str, dict] = {}
+
+    def walk(dag: dict, loop_items: list | None) -> None:
+        for name, t in dag["tasks"].items():
+            comp = comps[t["componentRef"]["name"]]
+            if "dag" in comp:
+                items = t.get("parameterIterator", {}).get("items", {}).get("raw")
+                walk(comp["dag"], json.loads(items) if items else None)
+            else:
+                found[name] = {**t, "loop_items": loop_items, "executor": comp["executorLabel"]}
+
+    walk(spec["root"]["dag"], None)
+    return found
+
+
+def _param_const(task: dict) -> str | None:
+    p = task["inputs"]["parameters"]["params"]
+    return p.get("runtimeValue", {}).get("constant")
+
+
+def test_compiled_tasks_are_the_dvc_stages_with_the_same_params(compiled):
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    raw = resolve_defaults(load_raw(ROOT / "params.yaml"))
+    tasks = _tasks(compiled["spec"])
+    # task names are the step names; a foreach stage is a ParallelFor over the same entries
+    assert {t.replace("-", "_") for t in tasks} == set(dvc)
+    for name, task in tasks.items():
+        step = registry.get(name.replace("-", "_"))
+        stage = dvc[step.name]
+        if "foreach" in stage:
+            entries = registry.foreach_entries(pipeline.validate_params(raw), step.foreach)
+            slices = [yaml.safe_load(i) for i in task["loop_items"]]
+            assert [list(s["experiments"]) for s in slices] == [[e] for e in entries]
+            declared = stage["do"]["params"]
+        else:
+            slices, entries, declared = [yaml.safe_load(_param_const(task))], [None], stage.get("params", [])
+        for sl, entry in zip(slices, entries):
+            for key in declared:  # every param DVC tracks for the stage reaches the task, with its value
+                key = key.replace("${key}", entry or "")
+                if key == "defaults":  # merged into each experiment / transfer model, compared through those
+                    continue
+                want, got = raw, sl
+                for part in key.split("."):
+                    want, got = want[part], got[part]
+                assert got == want, (name, key)
+            assert set(sl) <= {k.split(".")[0] for k in declared} | set(registry.ALWAYS_KEPT), (name, set(sl))
+
+
+def _producer(arg: dict) -> str:
+    """The task that writes an artifact input: direct, a loop's collected output, or a loop's input channel."""
+    chan = "pipelinechannel--"
+    if "taskOutputArtifact" in arg:
+        key = arg["taskOutputArtifact"]["outputArtifactKey"]
+        return key[len(chan):].rsplit("-", 1)[0] if key.startswith(chan) else arg["taskOutputArtifact"]["producerTask"]
+    return arg["componentInputArtifact"][len(chan):].rsplit("-", 1)[0]
+
+
+def test_compiled_dag_edges_are_the_dvc_deps(compiled):
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = {}
+    for name, stage in dvc.items():
+        body = stage.get("do", stage)
+        for o in body.get("outs", []) + [next(iter(m)) for m in body.get("metrics", []) + body.get("plots", [])]:
+            outs[re.sub(r"\$\{\w+\}", "{item}", o if isinstance(o, str) else next(iter(o)))] = name
+    tasks = _tasks(compiled["spec"])
+    for name, task in tasks.items():
+        body = dvc[name.replace("-", "_")]
+        body = body.get("do", body)
+        want = set()
+        for dep in body["deps"]:
+            dep = re.sub(r"\$\{\w+\}", "{item}", dep)
+            want |= {st for path, st in outs.items() if path == dep or path.startswith(dep.rstrip("/") + "/")}
+        got = {_producer(a).replace("-", "_") for a in task["inputs"].get("artifacts", {}).values()}
+        assert want == got, (name, want, got)
+
+
+def test_gpu_tasks_request_gpus_and_every_task_has_retries_secrets_and_run_id(compiled):
+    from components.config import load_params
+
+    kf = load_params(ROOT / "params.yaml").kubeflow
+    execs = compiled["spec"]["deploymentSpec"]["executors"]
+    platform = compiled["platform"]["executors"]
+    tasks = _tasks(compiled["spec"])
+    gpu_steps = {s.name for s in registry.STEPS if s.gpu}
+    assert gpu_steps >= {"experiment", "model_a", "model_b", "b_on_a", "mc_dropout"}
+    for name, task in tasks.items():
+        step = registry.get(name.replace("-", "_"))
+        container = execs[task["executor"]]["container"]
+        k8s = platform[task["executor"]]
+        assert task["retryPolicy"]["maxRetryCount"] == kf.retry.num_retries
+        assert task["cachingOptions"].get("enableCache") is True
+        assert [s["secretName"] for s in k8s["secretAsEnv"]] == [kf.mlflow_secret.name]
+        assert {e["envVar"] for e in k8s["secretAsEnv"][0]["keyToEnv"]} >= {"MLFLOW_TRACKING_URI"}
+        assert k8s["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']", "name": "KFP_RUN_ID"}]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert re.fullmatch(r"[0-9a-f]{40}|unknown", env["CH11_GIT_COMMIT"])
+        assert "install" not in " ".join(container["command"])  # nothing pip-installed at run time
+        res = container["resources"]
+        if step.name in gpu_steps:
+            assert container["image"] == kf.gpu_image
+            acc = res["accelerator"]
+            assert (acc["resourceType"], acc["resourceCount"]) == (kf.gpu.accelerator, str(kf.gpu.count))
+            assert k8s["nodeSelector"]["labels"] == kf.gpu.node_selector
+            assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
+            assert env["CH11_REQUIRE_GPU"] == "1"
+            assert res["resourceCpuRequest"] == kf.gpu.resources.cpu
+        else:
+            assert container["image"] == kf.image
+            assert "accelerator" not in res and "nodeSelector" not in k8s
+            assert res["resourceMemoryRequest"] == kf.cpu_resources.memory
+    assert SECRET not in compiled["text"]
+    # the data version is a pipeline parameter, fed to every task (KFP's cache key)
+    assert "data_version" in compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+
+
+def test_compile_takes_overrides_and_names_a_bad_key(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert pipeline.main(["compile", "-o", str(out), "-S", "kubeflow.gpu.count=2", "-S", "kubeflow.image=reg/x:1"]) == 0
+    text = out.read_text()
+    assert "resourceCount: '2'" in text and "image: reg/x:1" in text
+    code = pipeline.main(["compile", "-o", str(tmp_path / "bad.yaml"), "-S", "experiments.elu.model.activation=relu6"])
+    assert code == 2 and not (tmp_path / "bad.yaml").exists()
+    assert "experiments.elu.model.activation" in capsys.readouterr().err
+
+
+def test_a_gpu_task_without_a_gpu_fails_fast_with_a_clear_message():
+    code = ("from components import train\nfrom components.config import Runtime\ntrain.configure(Runtime())")
+    proc = run([sys.executable, "-c", code], cwd=ROOT, check=False, CH11_REQUIRE_GPU="1")
+    assert proc.returncode != 0 and "requested a GPU but TensorFlow sees none" in proc.stderr
+    assert "kubeflow.gpu.required: false" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ submit
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A stand-in KFP API on 127.0.0.1: records every request, answers like ml-pipeline does."""
+
+    calls: list = []
+
+    def log_message(self, *a):  # quiet
+        pass
+
+    def _answer(self, body: dict, code: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.calls.append(("GET", self.path, None))
+        if self.path.startswith("/apis/v2beta1/healthz"):
+            return self._answer({"commit_sha": "test", "tag_name": "2.5.0", "multi_user": False})
+        if self.path.startswith("/apis/v2beta1/experiments"):
+            return self._answer({"experiments": [], "total_size": 0})
+        return self._answer({}, 404)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.calls.append(("POST", self.path, body))
+        if self.path.startswith("/apis/v2beta1/experiments"):
+            return self._answer({"experiment_id": "exp-1", "display_name": body.get("display_name")})
+        if self.path.startswith("/apis/v2beta1/runs"):
+            return self._answer({"run_id": "run-123", "display_name": body.get("display_name"), "experiment_id": "exp-1"})
+        return self._answer({}, 404)
+
+
+def test_submit_sends_the_compiled_pipeline_to_the_kfp_api(tmp_path, capsys):
+    _Recorder.calls = []
+    srv = ThreadingHTTPServer(("127.0.0.1", free_port()), _Recorder)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{srv.server_address[1]}"
+        code = pipeline.main(["submit", "--host", host, "--experiment", "ch11-test", "--run-name", "r1",
+                              "-o", str(tmp_path / "p.yaml")])
+    finally:
+        srv.shutdown()
+    assert code == 0
+    posts = {path.split("?")[0]: body for method, path, body in _Recorder.calls if method == "POST"}
+    assert posts["/apis/v2beta1/experiments"]["display_name"] == "ch11-test"
+    run_body = posts["/apis/v2beta1/runs"]
+    assert run_body["display_name"] == "r1" and run_body["experiment_id"] == "exp-1"
+    spec = run_body["pipeline_spec"]
+    spec, platform = spec.get("pipeline_spec", spec), spec.get("platform_spec", {})  # wrapped when a platform spec exists
+    assert spec["pipelineInfo"]["name"] == "ch11-training-deep-nets" and "root" in spec
+    assert "nvidia.com/gpu.present" in json.dumps(platform)  # the platform spec (GPU, secret) travels with it
+    assert "run-123" in capsys.readouterr().out
+
+
+def test_submit_to_an_unreachable_host_fails_fast_and_clearly(tmp_path):
+    host = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["submit", "--host", host, "-o", str(tmp_path / "p.yaml")])
+    assert time.monotonic() - t0 < 15
+    assert "cannot reach the Kubeflow Pipelines API" in str(err.value) and "Nothing was submitted" in str(err.value)
+    assert not (tmp_path / "p.yaml").exists()
+
+
+# ------------------------------------------------------------------------------------------ run-local
+
+KEEP = ("leaky_relu", "dropout", "alpha_dropout")  # one plain net and the two MC-dropout sources
+
+
+@pytest.fixture(scope="module")
+def both_runs(tmp_path_factory, debian_dir, mlflow_server):
+    """The same tiny params through `dvc repro` and through `pipeline.py run-local`, in one clone."""
+    repo = copy_repo(tmp_path_factory.mktemp("kfp_local") / "repo")
+    raw = write_tiny(repo / "params.yaml", rows=600, mirrors=[str(debian_dir)])
+    raw["experiments"] = {k: raw["experiments"][k] for k in KEEP}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=repo)
+    run([sys.executable, "-m", "components.worker", "run", "--", "dvc", "repro"], cwd=repo,
+        MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="dvc-side")
+    proc = run([sys.executable, "-W", "ignore", "pipeline.py", "run-local", "--pipeline-root", "kfp_out"], cwd=repo,
+               MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="kfp-local-side")
+    return repo, proc.stdout + proc.stderr
+
+
+def _kfp_metrics(root: Path) -> dict[str, dict]:
+    """Metrics JSON of every kfp.local task, by what they stand for (experiment name or step)."""
+    found = {}
+    for p in root.rglob("metrics_path"):
+        if p.is_file():
+            d = json.loads(p.read_text())
+            found[d.get("experiment") or p.parent.name] = d
+    return found
+
+
+def _results(d, prefix=""):
+    """The result numbers of a metrics JSON (accuracies, losses, reduction factors), nested keys joined."""
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else ()):
+        if isinstance(v, dict):
+            out.update(_results(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and any(w in k for w in ("accuracy", "loss", "reduction", "ece", "epochs")):
+            out[prefix + k] = v
+    return out
+
+
+def test_run_local_gives_the_numbers_of_dvc_repro(both_runs):
+    repo, log = both_runs
+    kfp = _kfp_metrics(repo / "kfp_out")
+    pairs = {name: repo / f"metrics/experiments/{name}.json" for name in KEEP}
+    pairs.update({step: repo / f"metrics/transfer/{step}.json" for step in ("model_a", "model_b", "b_on_a")})
+    for name, path in pairs.items():
+        want = _results(json.loads(path.read_text()))
+        assert len(want) >= 4 and _results(kfp[name]) == want, name  # same seeds, same data: the same numbers
+    mc_kfp = json.loads(next(p for p in (repo / "kfp_out").rglob("metrics_path") if p.parent.name == "mc-dropout").read_text())
+    mc_dvc = json.loads((repo / "metrics/mc_dropout.json").read_text())
+    assert set(mc_dvc) == {"dropout", "alpha_dropout"} and _results(mc_kfp) == _results(mc_dvc)
+    report = next((repo / "kfp_out").rglob("report_md"))
+    assert "| leaky_relu |" in report.read_text()
+
+
+def test_run_local_logs_one_parent_run_with_every_step_as_a_child(both_runs, mlflow_server):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(mlflow_server)
+    exp = c.get_experiment_by_name("ch11-training-deep-nets")
+    runs = c.search_runs([exp.experiment_id], filter_string="tags.`ch11.pipeline_run` = 'kfp-local-side'", max_results=500)
+    parents = [r for r in runs if r.data.tags["ch11.step"] == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"download", "split", "standardize", "model_a", "report", *KEEP, "mc_dropout dropout"} <= set(children)
+    exp_run = children["leaky_relu"]
+    assert exp_run.data.tags["data.version"] and exp_run.data.tags["git.commit"] != "unknown"
+    assert len(c.get_metric_history(exp_run.info.run_id, "val_accuracy")) == 1  # one point per epoch (1 epoch)
+
+
+def test_the_image_recipe_installs_the_lock_and_the_package():
+    text = (ROOT / "Dockerfile").read_text()
+    copies = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ")]
+    sources = [s for c in copies for s in c]
+    assert "requirements.lock" in sources and "components/" in sources and "pipeline.py" in sources
+    for s in sources:
+        assert (ROOT / s).exists(), f"Dockerfile copies {s}, which is not in the repository"
+    assert "pip install -r requirements.lock" in text and "pip install --no-deps ." in text
