@@ -195,3 +195,25 @@ def ws_params(ws: Path, **updates):
 
     sets = [f"{k}={v}" for k, v in updates.items()] + [f"runtime.checkpoint_dir={ws / '.checkpoints'}"]
     return load_params(ws / "params.yaml", sets)
+
+
+CHAPTER_EPOCHS = 2
+
+
+@pytest.fixture(scope="session")
+def chapter_repo(tmp_path_factory, debian_dir):
+    """A temporary git clone with tiny params (a slice of the real data, every experiment, 2 epochs)."""
+    from .tiny import write_tiny
+
+    r = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    write_tiny(r / "params.yaml", mirrors=[str(debian_dir)], epochs=CHAPTER_EPOCHS)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=r)
+    return r
+
+
+@pytest.fixture(scope="session")
+def chapter_repro(chapter_repo, mlflow_server):
+    """The whole chapter through `dvc repro` (with the warm stage server) in that clone; its output."""
+    proc = run([sys.executable, "-m", "components.worker", "run", "--", "dvc", "repro"], cwd=chapter_repo,
+               MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="tiny-pipeline-1")
+    return proc.stdout + proc.stderr

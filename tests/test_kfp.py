@@ -18,8 +18,7 @@ import yaml
 from components import registry
 from components.config import load_raw, resolve_defaults
 
-from .conftest import ROOT, copy_repo, free_port, run
-from .tiny import write_tiny
+from .conftest import CHAPTER_EPOCHS, ROOT, free_port, run
 
 sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402
@@ -275,18 +274,16 @@ KEEP = ("leaky_relu", "dropout", "alpha_dropout")  # one plain net and the two M
 
 
 @pytest.fixture(scope="module")
-def both_runs(tmp_path_factory, debian_dir, mlflow_server):
-    """The same tiny params through `dvc repro` and through `pipeline.py run-local`, in one clone."""
-    repo = copy_repo(tmp_path_factory.mktemp("kfp_local") / "repo")
-    raw = write_tiny(repo / "params.yaml", rows=600, mirrors=[str(debian_dir)])
+def both_runs(chapter_repo, chapter_repro, mlflow_server):
+    """`pipeline.py run-local` beside the `dvc repro` of the tiny chapter, in the same clone, on the same params
+    (cut to three experiments: each task's numbers depend only on its own params slice)."""
+    raw = yaml.safe_load((chapter_repo / "params.yaml").read_text())
     raw["experiments"] = {k: raw["experiments"][k] for k in KEEP}
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=repo)
-    run([sys.executable, "-m", "components.worker", "run", "--", "dvc", "repro"], cwd=repo,
-        MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="dvc-side")
-    proc = run([sys.executable, "-W", "ignore", "pipeline.py", "run-local", "--pipeline-root", "kfp_out"], cwd=repo,
-               MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="kfp-local-side")
-    return repo, proc.stdout + proc.stderr
+    (chapter_repo / "kfp_params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = run([sys.executable, "-W", "ignore", "pipeline.py", "run-local", "--params", "kfp_params.yaml",
+                "--pipeline-root", "kfp_out"], cwd=chapter_repo, MLFLOW_TRACKING_URI=mlflow_server,
+               CH11_PIPELINE_RUN="kfp-local-side")
+    return chapter_repo, proc.stdout + proc.stderr
 
 
 def _kfp_metrics(root: Path) -> dict[str, dict]:
@@ -337,7 +334,7 @@ def test_run_local_logs_one_parent_run_with_every_step_as_a_child(both_runs, mlf
     assert {"download", "split", "standardize", "model_a", "report", *KEEP, "mc_dropout dropout"} <= set(children)
     exp_run = children["leaky_relu"]
     assert exp_run.data.tags["data.version"] and exp_run.data.tags["git.commit"] != "unknown"
-    assert len(c.get_metric_history(exp_run.info.run_id, "val_accuracy")) == 1  # one point per epoch (1 epoch)
+    assert len(c.get_metric_history(exp_run.info.run_id, "val_accuracy")) == CHAPTER_EPOCHS  # one point per epoch
 
 
 def test_the_image_recipe_installs_the_lock_and_the_package():

@@ -7,26 +7,20 @@ import sys
 import pytest
 import yaml
 
-from .conftest import copy_repo, run
-from .tiny import write_tiny
+from .conftest import CHAPTER_EPOCHS as EPOCHS
+from .conftest import run
 
 pytestmark = pytest.mark.slow
-EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, debian_dir):
-    r = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    write_tiny(r / "params.yaml", mirrors=[str(debian_dir)], epochs=EPOCHS)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=r)
-    return r
+def repo(chapter_repo):
+    return chapter_repo
 
 
 @pytest.fixture(scope="module")
-def repro(repo, mlflow_server):
-    proc = run([sys.executable, "-m", "components.worker", "run", "--", "dvc", "repro"], cwd=repo,
-               MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="tiny-pipeline-1")
-    return proc.stdout + proc.stderr
+def repro(chapter_repro):
+    return chapter_repro
 
 
 def test_every_stage_runs_and_the_report_holds_every_experiment(repo, repro):
