@@ -20,6 +20,7 @@ parent run per KFP run (tag ``kfp.run_id``). See README, "Kubeflow".
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -189,8 +190,6 @@ def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | Non
 
     ``local``: for kfp.local (no Kubernetes settings; GPU tasks may run on CPU).
     """
-    from kfp.local import config as _  # noqa: F401  (kfp.local must be importable for run-local)
-
     params = validate_params(raw)
     kf = params.kubeflow
     image, gpu_image = image or kf.image, gpu_image or kf.gpu_image
@@ -289,19 +288,12 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     root = Path(args.pipeline_root).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     print(f"[run-local] pipeline run {os.environ['CH11_PIPELINE_RUN']}; artifacts under {root}", file=sys.stderr)
-    with worker.serving(f"/tmp/ch11-kfp-worker-{os.getpid()}.sock") if not args.no_worker else _nothing():
+    server = contextlib.nullcontext() if args.no_worker else worker.serving(f"/tmp/ch11-kfp-worker-{os.getpid()}.sock")
+    with server:
         pipeline_func()
     print(f"[run-local] done: artifacts under {root}; MLflow parent run tag ch11.pipeline_run = "
           f"{os.environ['CH11_PIPELINE_RUN']}", file=sys.stderr)
     return 0
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def check_host(host: str, timeout: float = 10.0) -> None:
