@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -154,34 +153,25 @@ def data_version_of(lock: Path = ROOT / "dvc.lock", params: Params | None = None
     """The DVC hash (md5) of the raw data in dvc.lock; before a first `dvc repro`, a hash of the pinned files."""
     import hashlib
 
-    import yaml
+    from components import tracking
 
     if lock.is_file():
-        for out in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("download", {}).get("outs", []):
+        for out in (tracking._load_yaml(lock) or {}).get("stages", {}).get("download", {}).get("outs", []):
             if out.get("path") == "data/raw" and out.get("md5"):
                 return out["md5"]
     files = params.data.files.model_dump() if params else {}
     return "sha256-" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def dvc_hashes(lock: Path = ROOT / "dvc.lock") -> dict[str, str]:
-    import yaml
+def lineage_env(lock: Path = ROOT / "dvc.lock") -> dict[str, str]:
+    """Git commit and DVC hashes at compile time, for the tasks' lineage tags (no git or dvc.lock in a pod)."""
+    from components import tracking
 
-    if not lock.is_file():
-        return {}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return {o["path"]: o["md5"] for st in stages.values() for o in st.get("outs", []) if "md5" in o}
-
-
-def git_state() -> dict[str, str]:
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"CH11_GIT_COMMIT": git("rev-parse", "HEAD") or "unknown",
-            "CH11_GIT_DIRTY": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()}
+    stages = (tracking._load_yaml(lock) or {}).get("stages", {}) if lock.is_file() else {}
+    hashes = {o["path"]: o["md5"] for st in stages.values() for o in st.get("outs", []) if "md5" in o}
+    git = tracking.git_state()
+    return {"CH11_GIT_COMMIT": git["git.commit"], "CH11_GIT_DIRTY": git["git.dirty"],
+            "CH11_DVC_HASHES": json.dumps(hashes, sort_keys=True)}
 
 
 def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | None = None,
@@ -201,7 +191,7 @@ def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | Non
     missing = {s.name for s in registry.STEPS} - set(comps)
     if missing:
         raise LookupError(f"registry steps without a Kubeflow component in pipeline.py: {', '.join(sorted(missing))}")
-    lineage = {**git_state(), "CH11_DVC_HASHES": json.dumps(dvc_hashes(), sort_keys=True)}
+    lineage = lineage_env()
 
     def task_yaml(step: registry.Step, item: str | None = None) -> str:
         import yaml
