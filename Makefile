@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@echo "==> creating $(VENV) from requirements.lock (first time: a few minutes, ~3 GB)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip install --python $(VENV)/bin/python -r requirements.lock
+	$(VENV)/bin/uv pip install --python $(VENV)/bin/python --compile-bytecode -r requirements.lock
 	$(VENV)/bin/uv pip install --python $(VENV)/bin/python --no-deps -e .
 	touch $@
 
@@ -43,7 +43,7 @@ browser:
 	else echo "==> chromium missing and not root: the browser test will be skipped (sudo apt-get install chromium)"; fi
 
 repro: setup dataset
-	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} python -m components.worker run -- dvc repro
+	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} python -m components.worker run -- python -m components.repro
 	@echo "==> done. Report: $(CURDIR)/reports/report.md (figures in reports/figures/);"
 	@echo "    metrics: dvc metrics show; runs: make mlflow-ui, then http://127.0.0.1:5000"
 
@@ -54,7 +54,7 @@ lock:
 	$(VENV)/bin/uv pip compile --python-version 3.11 requirements.in -o requirements.lock
 
 mlflow-ui: setup   # the local runs (sqlite:///mlflow.db + mlartifacts/) at http://127.0.0.1:5000
-	mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
 	  --host 127.0.0.1 --port 5000 --workers 1
 
 benchmark: setup dataset

@@ -300,13 +300,23 @@ def parent_run(client, experiment_id: str) -> str:
     if os.environ.get("MLFLOW_RUN_ID"):
         return os.environ["MLFLOW_RUN_ID"]
     key = pipeline_run_key()
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PIPELINE}` = '{key}' and tags.`{TAG_STEP}` = 'pipeline'",
-                               max_results=1, order_by=["attributes.start_time ASC"])
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, tags={TAG_PIPELINE: key, TAG_STEP: "pipeline",
-                                                 "mlflow.runName": f"pipeline {key[:40]}", **git_state()})
-    return run.info.run_id
+    query = f"tags.`{TAG_PIPELINE}` = '{key}' and tags.`{TAG_STEP}` = 'pipeline'"
+
+    def first() -> str | None:
+        found = client.search_runs([experiment_id], filter_string=query, max_results=20)
+        return min(found, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if found else None
+
+    existing = first()
+    if existing:
+        return existing
+    own = client.create_run(experiment_id, tags={TAG_PIPELINE: key, TAG_STEP: "pipeline",
+                                                 "mlflow.runName": f"pipeline {key[:40]}", **git_state()}).info.run_id
+    # Stages run in parallel (components.repro, Kubeflow): two may have created a parent at the same time.
+    # Every one of them settles on the earliest; the others delete their own, so there is one parent.
+    chosen = first() or own
+    if chosen != own:
+        client.delete_run(own)
+    return chosen
 
 
 def _base_tags(step: str, params: Params, inputs: list[str]) -> dict[str, Any]:

@@ -86,7 +86,8 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
          "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=repo_env(),
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=repo_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no idle job-runner processes eating the CPU
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -213,7 +214,15 @@ def chapter_repo(tmp_path_factory, debian_dir):
 
 @pytest.fixture(scope="session")
 def chapter_repro(chapter_repo, mlflow_server):
-    """The whole chapter through `dvc repro` (with the warm stage server) in that clone; its output."""
-    proc = run([sys.executable, "-m", "components.worker", "run", "--", "dvc", "repro"], cwd=chapter_repo,
+    """The whole chapter as `make repro` runs it (warm stage server, independent stages two at a time through
+    `dvc repro`, then a plain `dvc repro` that finds nothing left) in that clone; its output."""
+    proc = run([sys.executable, "-m", "components.worker", "run", "--", sys.executable, "-m", "components.repro",
+                "--jobs", "2"], cwd=chapter_repo,
                MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="tiny-pipeline-1")
     return proc.stdout + proc.stderr
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tiny chapter (the longest group, ~half the suite) goes first, so under xdist one worker starts it at
+    once while the other takes every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)

@@ -307,6 +307,7 @@ def _results(d, prefix=""):
     return out
 
 
+@pytest.mark.xdist_group("chapter")  # same worker as tests/test_pipeline.py: shares the tiny chapter
 def test_run_local_gives_the_numbers_of_dvc_repro(both_runs):
     repo, log = both_runs
     kfp = _kfp_metrics(repo / "kfp_out")
@@ -322,6 +323,7 @@ def test_run_local_gives_the_numbers_of_dvc_repro(both_runs):
     assert "| leaky_relu |" in report.read_text()
 
 
+@pytest.mark.xdist_group("chapter")  # same worker as tests/test_pipeline.py: shares the tiny chapter
 def test_run_local_logs_one_parent_run_with_every_step_as_a_child(both_runs, mlflow_server):
     from mlflow import MlflowClient
 
