@@ -2,8 +2,10 @@
 
 Same model, same data (the real Fashion-MNIST train/valid splits), same batch size, same epochs, same
 optimizer; each way runs in its own fresh process (TensorFlow's thread settings are per process).
-Prints seconds per epoch (median after the first, which includes tracing/compilation), the ratio, and
-both validation accuracies.
+Prints seconds per epoch (median after the first, which includes tracing/compilation) of ``--rounds`` runs
+of each way in alternating order (plain, pipeline, pipeline, plain, ...: this box's speed drifts by 20-30 %
+between minutes, which a single pair of runs mistakes for a speed-up or a slow-down), the median of each
+way, their ratio with the per-round ratios, and both validation accuracies.
 
     python benchmarks/fit_speed.py                       # both models, after `dvc repro standardize`
     python benchmarks/fit_speed.py --experiments leaky_relu --epochs 3
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +71,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiments", nargs="+", default=["leaky_relu", "selu_deep"])
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each way (alternating order); medians are reported")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -75,20 +80,25 @@ def main() -> int:
     if not (ROOT / "data/splits/full_train.parquet").is_file():
         print("run `dvc repro standardize` first (the benchmark uses the real splits)", file=sys.stderr)
         return 2
-    print(f"{'experiment':<12} {'way':<9} {'s/epoch':>8} {'val_acc':>8}   (batch size and epochs as in params.yaml; {a.epochs} epochs each)")
+    print(f"{'experiment':<12} {'way':<9} {'s/epoch':>8} {'val_acc':>8}   (batch size and epochs as in params.yaml; "
+          f"{a.epochs} epochs each, {a.rounds} round(s) of each way, alternating)")
     for name in a.experiments:
-        res = {}
-        for mode in ("plain", "pipeline"):
-            out = subprocess.run([sys.executable, __file__, "--worker", mode, name, str(a.epochs)], capture_output=True,
-                                 text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-            if out.returncode:
-                print(out.stderr[-3000:], file=sys.stderr)
-                return 1
-            res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-            r = res[mode]
-            print(f"{name:<12} {mode:<9} {median_steady(r['seconds']):8.2f} {r['val_accuracy']:8.4f}")
-        ratio = median_steady(res["plain"]["seconds"]) / median_steady(res["pipeline"]["seconds"])
-        print(f"{name:<12} speed-up  {ratio:7.2f}x")
+        runs: dict[str, list[dict]] = {"plain": [], "pipeline": []}
+        for r in range(a.rounds):  # ABBA order: a slow spell of the machine hits both ways alike
+            for mode in (("plain", "pipeline") if r % 2 == 0 else ("pipeline", "plain")):
+                out = subprocess.run([sys.executable, __file__, "--worker", mode, name, str(a.epochs)], capture_output=True,
+                                     text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                if out.returncode:
+                    print(out.stderr[-3000:], file=sys.stderr)
+                    return 1
+                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        med = {m: float(np.median([median_steady(r["seconds"]) for r in rs])) for m, rs in runs.items()}
+        for mode, rs in runs.items():
+            each = ", ".join(f"{median_steady(r['seconds']):.2f}" for r in rs)
+            print(f"{name:<12} {mode:<9} {med[mode]:8.2f} {rs[-1]['val_accuracy']:8.4f}   (rounds: {each})")
+        ratios = [median_steady(p["seconds"]) / median_steady(q["seconds"]) for p, q in zip(runs["plain"], runs["pipeline"])]
+        print(f"{name:<12} speed-up  {med['plain'] / med['pipeline']:7.2f}x   (per round: "
+              f"{', '.join(f'{x:.2f}x' for x in ratios)})")
     return 0
 
 
