@@ -21,6 +21,7 @@ the stages already running finish, no new one starts, and the exit code is non-z
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -72,6 +73,10 @@ def out_of_date(nodes: list[str], ups: dict[str, set[str]]) -> list[str]:
     return [n for n in nodes if n in todo]
 
 
+def _log_path(stage: str) -> Path:
+    return LOG_DIR / f"{stage.replace('/', '_')}.log"
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -112,7 +117,7 @@ def run(jobs: int) -> int:
     def start(stage: str) -> None:
         nonlocal started
         started += 1
-        log = open(LOG_DIR / f"{stage.replace('/', '_')}.log", "w")
+        log = open(_log_path(stage), "w")
         cmd = [_dvc(), "--wait-for-lock", "repro", "--single-item", stage]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         running[stage] = (proc, time.monotonic(), log)
@@ -142,11 +147,12 @@ def run(jobs: int) -> int:
                     print(f"[repro] {finished:>3}/{total} done   {n}  ({secs:.0f} s)", flush=True)
                 else:
                     failed.append(n)
-                    print(f"[repro] FAILED {n} (exit {proc.returncode}); last lines of {LOG_DIR / (n + '.log')}:\n"
-                          f"{_tail(LOG_DIR / (n + '.log'))}", file=sys.stderr, flush=True)
+                    print(f"[repro] FAILED {n} (exit {proc.returncode}); last lines of {_log_path(n)}:\n"
+                          f"{_tail(_log_path(n))}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         for proc, _, _ in running.values():
-            os.killpg(proc.pid, signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                os.killpg(proc.pid, signal.SIGINT)
         for proc, _, _ in running.values():
             proc.wait()
         print("[repro] interrupted; run the same command again to go on where it stopped", file=sys.stderr)
