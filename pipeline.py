@@ -155,10 +155,9 @@ def data_version_of(lock: Path = ROOT / "dvc.lock", params: Params | None = None
 
     from components import tracking
 
-    if lock.is_file():
-        for out in (tracking._load_yaml(lock) or {}).get("stages", {}).get("download", {}).get("outs", []):
-            if out.get("path") == "data/raw" and out.get("md5"):
-                return out["md5"]
+    raw = tracking.lock_hashes(lock).get("data/raw")  # written by the download stage only
+    if raw:
+        return raw
     files = params.data.files.model_dump() if params else {}
     return "sha256-" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -167,11 +166,9 @@ def lineage_env(lock: Path = ROOT / "dvc.lock") -> dict[str, str]:
     """Git commit and DVC hashes at compile time, for the tasks' lineage tags (no git or dvc.lock in a pod)."""
     from components import tracking
 
-    stages = (tracking._load_yaml(lock) or {}).get("stages", {}) if lock.is_file() else {}
-    hashes = {o["path"]: o["md5"] for st in stages.values() for o in st.get("outs", []) if "md5" in o}
     git = tracking.git_state()
     return {"CH11_GIT_COMMIT": git["git.commit"], "CH11_GIT_DIRTY": git["git.dirty"],
-            "CH11_DVC_HASHES": json.dumps(hashes, sort_keys=True)}
+            "CH11_DVC_HASHES": json.dumps(tracking.lock_hashes(lock), sort_keys=True)}
 
 
 def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | None = None,

@@ -106,23 +106,21 @@ def params_hash(path: Path | None = None) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def lock_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """Every output's DVC content hash (md5) as dvc.lock records it: {path: md5}; empty before a first repro."""
+    if not lock.is_file():
+        return {}
+    stages = (_load_yaml(lock) or {}).get("stages") or {}
+    return {o["path"]: o["md5"] for st in stages.values() for o in st.get("outs", []) if o.get("md5")}
+
+
 def dvc_hashes(paths: list[str], lock: Path = Path("dvc.lock")) -> dict[str, str]:
     """The DVC content hash (md5) of each path, as recorded in dvc.lock by the stage that wrote it.
 
     In a Kubeflow container there is no dvc.lock: pipeline.py passes the hashes it read at compile time.
     """
-    if os.environ.get("CH11_DVC_HASHES"):
-        recorded = json.loads(os.environ["CH11_DVC_HASHES"])
-        return {p: recorded[p] for p in paths if p in recorded}
-    if not lock.is_file():
-        return {}
-    doc = _load_yaml(lock) or {}
-    found: dict[str, str] = {}
-    for stage in (doc.get("stages") or {}).values():
-        for out in stage.get("outs", []):
-            if out.get("path") in paths and out.get("md5"):
-                found[out["path"]] = out["md5"]
-    return found
+    recorded = json.loads(os.environ["CH11_DVC_HASHES"]) if os.environ.get("CH11_DVC_HASHES") else lock_hashes(lock)
+    return {p: recorded[p] for p in paths if p in recorded}
 
 
 def dvc_remote() -> str:
