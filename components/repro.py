@@ -9,7 +9,9 @@ dvc.lock is merged in under the lock. This module does that for the whole DAG:
 1. the DAG comes from ``dvc dag --dot`` and what is out of date from ``dvc status --json`` (plus everything
    downstream of it), so DVC stays the only judge of what to run;
 2. up to ``--jobs`` stages run at once, each as ``dvc --wait-for-lock repro --single-item <stage>`` started
-   only when every stage upstream of it has finished (longest first, by the durations of the last run);
+   only when every stage upstream of it has finished, the one with the longest path to the end of the DAG
+   first (by the durations of the last run; on a fresh clone, by the training seconds in the committed
+   metrics), so that a long stage and what waits on it do not start last;
 3. a final plain ``dvc repro`` then has to find nothing to do: the proof that the parallel run left exactly
    what the sequential one would (it is also what runs the rest if this module is interrupted).
 
@@ -73,6 +75,47 @@ def out_of_date(nodes: list[str], ups: dict[str, set[str]]) -> list[str]:
     return [n for n in nodes if n in todo]
 
 
+def _train_seconds(obj) -> float:
+    if isinstance(obj, dict):
+        return sum(float(v) if k == "train_seconds" and isinstance(v, (int, float)) else _train_seconds(v)
+                   for k, v in obj.items())
+    if isinstance(obj, list):
+        return sum(_train_seconds(v) for v in obj)
+    return 0.0
+
+
+def estimated_durations(nodes: list[str], overhead: float = 10.0) -> dict[str, float]:
+    """Seconds per stage when no run has been timed here yet: the ``train_seconds`` of the stage's metrics file
+    as committed (``metrics/**/<item>.json``) plus a fixed overhead; stages without one get the overhead."""
+    est: dict[str, float] = {}
+    for n in nodes:
+        item = n.split("@")[-1].split(":")[-1]
+        secs = 0.0
+        for f in Path("metrics").glob(f"**/{item}.json"):
+            with contextlib.suppress(OSError, ValueError):
+                secs += _train_seconds(json.loads(f.read_text()))
+        est[n] = overhead + secs
+    return est
+
+
+def critical_path(nodes: list[str], ups: dict[str, set[str]], secs: dict[str, float]) -> dict[str, float]:
+    """For each stage, its seconds plus the longest chain of seconds downstream of it (list scheduling's rank)."""
+    downs: dict[str, set[str]] = {n: set() for n in nodes}
+    for n, us in ups.items():
+        for u in us:
+            downs.setdefault(u, set()).add(n)
+    rank: dict[str, float] = {}
+
+    def visit(n: str) -> float:
+        if n not in rank:
+            rank[n] = secs.get(n, 0.0) + max((visit(d) for d in downs.get(n, ())), default=0.0)
+        return rank[n]
+
+    for n in nodes:
+        visit(n)
+    return rank
+
+
 def _log_path(stage: str) -> Path:
     return LOG_DIR / f"{stage.replace('/', '_')}.log"
 
@@ -105,6 +148,7 @@ def run(jobs: int) -> int:
         last = json.loads(DURATIONS.read_text())
     except (OSError, ValueError):
         last = {}
+    rank = critical_path(nodes, ups, {**estimated_durations(nodes), **last})
     order = {n: i for i, n in enumerate(nodes)}
     pending = set(todo)
     done: set[str] = set(nodes) - pending  # up to date: nothing to wait for
@@ -126,7 +170,7 @@ def run(jobs: int) -> int:
     try:
         while pending or running:
             ready = [n for n in pending if ups[n] <= done] if not failed else []
-            ready.sort(key=lambda n: (-last.get(n, 0.0), order[n]))
+            ready.sort(key=lambda n: (-rank[n], order[n]))
             while ready and len(running) < jobs:
                 n = ready.pop(0)
                 pending.discard(n)

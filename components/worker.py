@@ -89,13 +89,25 @@ def try_remote(argv: list[str]) -> int | None:
 
 def _preload() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras  # noqa: F401
-    import matplotlib  # noqa: F401
-    import mlflow  # noqa: F401
-    import mlflow.keras  # noqa: F401
-    import tensorflow  # noqa: F401
+    import importlib
 
-    from . import experiment, mc_dropout, models, report, tracking, train, transfer  # noqa: F401
+    # What a stage child would otherwise import itself, every time: TensorFlow/Keras, matplotlib (pyplot:
+    # the plots), and MLflow's sqlite store with SQLAlchemy, Alembic and GitPython (2 s per stage when
+    # a child first opens the tracking store), pyarrow's Parquet reader.
+    for name in ("tensorflow", "keras", "matplotlib", "mlflow", "mlflow.keras", "mlflow.pyfunc",
+                 "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+                 "mlflow.store.tracking.sqlalchemy_workspace_store", "mlflow.store.tracking.file_store",
+                 "mlflow.models.display_utils", "sqlalchemy.dialects.sqlite", "alembic.command", "alembic.config",
+                 "alembic.autogenerate", "git", "pyarrow.parquet", "pyarrow.dataset", "pyarrow.pandas_compat"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional part missing: the child imports (or fails) as it would without us
+            pass
+
+    from . import __main__, diagnostics, experiment, mc_dropout, models, registry, report, tracking, train, transfer  # noqa: F401
+    from .plots import pyplot
+
+    pyplot()  # matplotlib.pyplot on the Agg backend
 
 
 def _serve_one(conn: socket.socket, digest: str) -> None:

@@ -70,3 +70,23 @@ def test_a_failed_stage_stops_what_depends_on_it_and_names_it(tmp_path):
     assert "b" in status and "c" not in status and "a" not in status  # finished stages are kept
     durations = json.loads((repo / ".dvc/tmp/repro-durations.json").read_text())
     assert set(durations) == {"a", "c"}
+
+
+def test_stage_order_is_longest_path_first(tmp_path, monkeypatch):
+    """A short stage with a long stage behind it goes before a longer stage with nothing behind it; on a fresh
+    clone the seconds come from the committed metrics (train_seconds, nested ones summed)."""
+    from components import repro
+
+    nodes = ["a", "b", "c", "d"]
+    ups = {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b"}}
+    rank = repro.critical_path(nodes, ups, {"a": 1, "b": 5, "c": 10, "d": 20})
+    assert rank == {"a": 26, "b": 25, "c": 10, "d": 20}
+    assert sorted(["c", "b"], key=lambda n: -rank[n]) == ["b", "c"]
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics/experiments").mkdir(parents=True)
+    (tmp_path / "metrics/experiments/slow.json").write_text(json.dumps({"train_seconds": 80.0, "epochs": 20}))
+    (tmp_path / "metrics/transfer").mkdir(parents=True)
+    (tmp_path / "metrics/transfer/model_b.json").write_text(json.dumps({"seeds": [{"train_seconds": 3}, {"train_seconds": 4}]}))
+    est = repro.estimated_durations(["experiment@slow", "experiment@new", "model_b"], overhead=10)
+    assert est == {"experiment@slow": 90.0, "experiment@new": 10.0, "model_b": 17.0}
