@@ -250,10 +250,13 @@ class Tracker:
         """The model in MLflow's Keras flavour with a signature (raw pixels in, probabilities out)."""
         import mlflow
         import numpy as np
-        from mlflow.models import infer_signature
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
 
-        x = np.zeros((2, model.input_shape[-1]), np.float32)
-        sig = infer_signature(x, model.predict(x, verbose=0))
+        # what infer_signature(x, model.predict(x)) gives, read off the shapes: a predict call here would
+        # trace a predict function for one more batch shape (~0.3 s per stage)
+        sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.input_shape[-1]))]),
+                             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.output_shape[-1]))]))
         reqs = [f"{p}=={v}" for p, v in ((k.split('.', 1)[1], v) for k, v in package_versions().items())
                 if p in ("tensorflow", "keras")]
         with _active(self.run_id):

@@ -108,6 +108,13 @@ def _preload() -> None:
     from .plots import pyplot
 
     pyplot()  # matplotlib.pyplot on the Agg backend
+    # MLflow maps every installed distribution to its modules (a scan of site-packages, ~0.5 s) the first
+    # time a child logs a model, to check the model's pip requirements; the installed packages do not
+    # change while the server runs. A private helper: if it moves, the child simply does the scan itself.
+    with contextlib.suppress(Exception):
+        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+
+        _init_packages_to_modules_map()
 
 
 def _serve_one(conn: socket.socket, digest: str) -> None:
