@@ -1,7 +1,10 @@
 """The split step on the real Fashion-MNIST files of the Debian package."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -67,7 +70,7 @@ def test_parquet_schema_and_metadata(real_splits, params):
     path = real_splits / "splits" / "full_train.parquet"
     schema = pq.read_schema(path)
     pixels = schema.field("pixels").type
-    assert pixels.list_size == 784 and str(pixels.value_type) == "uint8"
+    assert pa.types.is_fixed_size_binary(pixels) and pixels.byte_width == 784
     assert str(schema.field("label").type) == "uint8"
     meta = read_split(path).meta
     assert meta["class_names"][6] == "Shirt"
@@ -82,10 +85,24 @@ def test_pixels_round_trip(splits, debian_dir):
 
 
 def test_dataset_card(real_splits):
-    import json
-
     card = json.loads((real_splits / "card.json").read_text())
     assert card["a_train"]["rows"] == 43_986
     assert card["b_train"]["class_0"] + card["b_train"]["class_1"] == 200
     assert sum(card["full_test"][f"class_{i}"] for i in range(10)) == 10_000
     assert "| b_train | 200 |" in (real_splits / "card.md").read_text()
+
+
+def test_list_form_splits_still_read(splits, tmp_path):
+    """Splits written before the byte form (pixels as fixed_size_list<uint8>) read to the same arrays."""
+    from components.dataset import META_KEY
+
+    s = splits["b_train"]
+    flat = s.x.reshape(len(s), -1)
+    table = pa.table({"pixels": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.uint8()), flat.shape[1]),
+                      "label": s.y, "source_label": s.source_label, "source_index": s.source_index})
+    table = table.replace_schema_metadata({META_KEY: json.dumps(s.meta).encode()})
+    pq.write_table(table, tmp_path / "old.parquet")
+    old = read_split(tmp_path / "old.parquet")
+    np.testing.assert_array_equal(old.x, s.x)
+    assert old.x.shape == (200, 28, 28) and old.x.dtype == np.uint8
+    np.testing.assert_array_equal(old.source_index, s.source_index)
