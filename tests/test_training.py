@@ -72,3 +72,16 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_ws):
     got = keras.models.load_model(tiny_ws / f"models/experiments/{name}.keras").get_weights()
     ref, _ = train_weights(tiny_ws, name, **{f"experiments.{name}.train.epochs": 4})
     assert all(np.array_equal(a, b) for a, b in zip(got, ref)), "resumed run differs from an uninterrupted one"
+
+
+@pytest.mark.parametrize("name", ["bn_before", "alpha_dropout"])  # BN in inference mode; dropout off
+def test_confusion_matrix_classes_are_model_predicts(tiny_ws, name):
+    p = ws_params(tiny_ws, **{f"experiments.{name}.train.epochs": 1})
+    exp = p.experiments[name]
+    data = train.load_task(tiny_ws / "data/splits", exp.task)
+    model, *_, extras = experiment.train_experiment(name, exp, p, data, experiment.load_scaler_if(exp, tiny_ws / "data/scaler.npz"))
+    extras["checkpoint"].clear()
+    want = np.argmax(model.predict(data.x["test"].astype("float32"), batch_size=50, verbose=0), axis=1)
+    got = experiment.test_predictions(model, data, rows=64)  # several eager passes, the last one short
+    assert len(data.x["test"]) % 64 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
