@@ -120,7 +120,10 @@ def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, firs
         lambda p: tf.data.Dataset.from_tensor_slices(p).batch(batch_size)
     )
     ds = ds.map(lambda i: (tf.cast(tf.gather(xt, i), tf.float32), tf.gather(yt, i)), num_parallel_calls=1, deterministic=True)
-    return ds.prefetch(16)
+    # No prefetch: each batch is a 32-row gather, cheaper made inline than handed over from a tf.data thread
+    # (measured: 2.44 vs 2.57 s/epoch on the dropout MLP, 0.08 s less CPU per epoch, the same batches);
+    # three stages share two cores, so there is no idle core for a prefetch thread to use anyway.
+    return ds
 
 
 def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int):
