@@ -117,6 +117,26 @@ def _preload() -> None:
         _init_packages_to_modules_map()
 
 
+def _close_other_sockets(keep: int) -> None:
+    """In a stage child: close the sockets inherited from the server (its listener, the connections of the
+    other stages running at fork time). A fork copies every descriptor, and a client sees its stage end only
+    when no process holds its connection any more: a copy left here kept a finished stage's ``dvc repro``
+    waiting until this (unrelated, maybe much longer) stage exited."""
+    import stat
+
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: nothing to enumerate
+        return
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.close(fd)
+            except OSError:  # already gone (e.g. the descriptor of the listdir itself)
+                pass
+
+
 def _serve_one(conn: socket.socket, digest: str) -> None:
     with conn:
         buf = b""
@@ -134,6 +154,7 @@ def _serve_one(conn: socket.socket, digest: str) -> None:
             code = 1
             try:
                 os.setsid()
+                _close_other_sockets(conn.fileno())
                 os.chdir(req["cwd"])
                 os.environ.clear()
                 os.environ.update(req["env"])
