@@ -18,9 +18,7 @@ def test_a_stage_child_does_not_hold_the_other_stages_connections():
         os._exit(0)
     try:
         other_server_end.close()  # the other stage is done: its client must see end-of-file now
-        other_client_end.settimeout(1.5)
-        t0 = time.monotonic()
+        other_client_end.settimeout(1.5)  # the child lives 3 s: a copy of the connection there would time out
         assert other_client_end.recv(1) == b""
-        assert time.monotonic() - t0 < 1.5
     finally:
         os.waitpid(pid, 0)
