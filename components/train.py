@@ -256,7 +256,7 @@ def compile_model(
     )
 
 
-def prebuild(model, data: TaskData, batch_size: int) -> None:
+def prebuild(model, x, y) -> None:
     """Create the compiled metrics' and the optimizer's variables before ``fit`` traces its training step.
 
     Keras (TensorFlow backend, no distribution strategy) creates them inside the first trace, and a
@@ -264,8 +264,8 @@ def prebuild(model, data: TaskData, batch_size: int) -> None:
     for the small MLPs, +1.3 s for the 100-layer nets). Keras does exactly this build itself when a
     distribution strategy is set; it only creates zero-initialized variables, so the weights are unchanged."""
     build = getattr(model, "_symbolic_build", None)
-    if build is not None:  # a batch's shapes and dtypes, as train_dataset makes it
-        build(data_batch=(data.x["train"][:batch_size].astype(np.float32), data.y["train"][:batch_size], None))
+    if build is not None:
+        build(data_batch=(x, y, None))
 
 
 def fit(
@@ -301,7 +301,7 @@ def fit(
     cbs += callbacks or []
     if start < epochs:
         done = int(model.optimizer.iterations)
-        prebuild(model, data, bs)
+        prebuild(model, data.x["train"][:bs].astype(np.float32), data.y["train"][:bs])
         model.fit(
             train_dataset(data.x["train"], data.y["train"], bs, seed, start, epochs),
             validation_data=eval_dataset(data.x["valid"], data.y["valid"], runtime.eval_batch_size),
@@ -376,7 +376,7 @@ def lr_range_test(
             if not math.isfinite(mean) or (len(losses) > 10 and losses[-1] > 4 * min(losses)):
                 self.model.stop_training = True
 
-    prebuild(model, data, bs)
+    prebuild(model, data.x["train"][:bs].astype(np.float32), data.y["train"][:bs])
     model.fit(train_dataset(data.x["train"], data.y["train"], bs, seed, 0, rt.epochs), epochs=rt.epochs,
               steps_per_epoch=steps // rt.epochs, callbacks=[Record()], shuffle=False, verbose=0)
     smooth, ema = [], None
