@@ -8,9 +8,9 @@ deterministic, resumable and safe.
 * **Deterministic**: seeds from params, TensorFlow's deterministic ops, and a shuffle order that is a
   pure function of (seed, epoch), so the same params and data give bit-identical weights.
 * **Resumable**: after each epoch the full training state (model and optimizer variables, RNG states,
-  history) is saved atomically under ``runtime.checkpoint_dir``, keyed by a hash of the spec, seed and
-  data; a rerun after a crash or ``kill -9`` continues from the last finished epoch and ends with the
-  same weights as an uninterrupted run.
+  history, the counters of early stopping and ReduceLROnPlateau) is saved atomically under
+  ``runtime.checkpoint_dir``, keyed by a hash of the spec, seed and data; a rerun after a crash or
+  ``kill -9`` continues from the last finished epoch and ends with the same weights as an uninterrupted run.
 * **Safe**: a NaN/inf loss stops training with ``TrainingDiverged``; no model file is written.
 """
 from __future__ import annotations
@@ -142,9 +142,42 @@ def state_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# Keras callbacks whose counters decide what later epochs do (stop; lower the learning rate): their state is
+# saved with every epoch's checkpoint and put back on resume, so a resumed run stops, or lowers the rate, at the
+# same epoch as an uninterrupted one. EarlyStopping's best weights (restore_best_weights) are saved too.
+STATEFUL_CALLBACKS = {
+    "EarlyStopping": ("wait", "stopped_epoch", "best", "best_epoch"),
+    "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
+}
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else (float(np.asarray(v)) if hasattr(v, "shape") else v)
+
+
+@dataclass
+class Restored:
+    epoch: int
+    history: list[dict]
+    callbacks: list[dict | None]  # per callback (same order as saved): its counters, or None
+    arrays: dict[str, np.ndarray]  # callbacks' weight lists, "cb<i>_w<j>"
+    stopped: bool  # training had been stopped (early stopping) when this state was saved
+
+    def apply(self, callbacks: list) -> None:
+        """Put the saved counters (and best weights) back into ``callbacks`` (call after their on_train_begin)."""
+        for i, (cb, st) in enumerate(zip(callbacks, self.callbacks)):
+            if st is None or type(cb).__name__ not in STATEFUL_CALLBACKS:
+                continue
+            for attr in STATEFUL_CALLBACKS[type(cb).__name__]:
+                setattr(cb, attr, st.get(attr))
+            if st.get("best_weights") is not None:
+                cb.best_weights = [self.arrays[f"cb{i}_w{j}"] for j in range(st["best_weights"])]
+
+
 class Checkpoint:
     """The whole training state after an epoch: every model and optimizer variable (weights, BN
-    statistics, RNG seeds, slots, iteration count) plus the history so far. Written atomically."""
+    statistics, RNG seeds, slots, iteration count, learning rate), the history so far and the counters of
+    the stateful callbacks. Written atomically."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
@@ -153,25 +186,39 @@ class Checkpoint:
     def _variables(self, model) -> list:
         return list(model.variables) + list(model.optimizer.variables)
 
-    def save(self, model, epoch: int, history: list[dict]) -> None:
+    def save(self, model, epoch: int, history: list[dict], callbacks: list = (), stopped: bool = False) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         arrays = {f"v{i}": np.asarray(v) for i, v in enumerate(self._variables(model))}
+        states: list[dict | None] = []
+        for i, cb in enumerate(callbacks):
+            attrs = STATEFUL_CALLBACKS.get(type(cb).__name__)
+            if attrs is None:
+                states.append(None)
+                continue
+            st = {a: _plain(getattr(cb, a, None)) for a in attrs}
+            best = getattr(cb, "best_weights", None)
+            st["best_weights"] = None if best is None else len(best)
+            arrays.update({f"cb{i}_w{j}": np.asarray(w) for j, w in enumerate(best or [])})
+            states.append(st)
         name = f"epoch_{epoch:04d}.npz"
         with atomic_path(self.dir / name) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
         with atomic_path(self.meta) as tmp:
-            tmp.write_text(json.dumps({"epoch": epoch, "file": name, "history": history}))
+            tmp.write_text(json.dumps({"epoch": epoch, "file": name, "history": history, "callbacks": states, "stopped": stopped}))
         for old in self.dir.glob("epoch_*.npz"):
             if old.name != name:
                 old.unlink()
 
-    def load(self, model) -> tuple[int, list[dict]] | None:
+    def load(self, model) -> Restored | None:
+        """Put the saved variables back into ``model``; the rest of the state is returned."""
         if not self.meta.is_file():
             return None
         meta = json.loads(self.meta.read_text())
         with np.load(self.dir / meta["file"]) as z:
-            arrays = [z[f"v{i}"] for i in range(len(z.files))]
+            n = sum(1 for k in z.files if k.startswith("v"))
+            arrays = [z[f"v{i}"] for i in range(n)]
+            extra = {k: z[k] for k in z.files if k.startswith("cb")}
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         variables = self._variables(model)
@@ -180,17 +227,18 @@ class Checkpoint:
             return None
         for v, a in zip(variables, arrays):
             v.assign(a)
-        return int(meta["epoch"]), list(meta["history"])
+        return Restored(int(meta["epoch"]), list(meta["history"]), list(meta.get("callbacks") or []), extra,
+                        bool(meta.get("stopped", False)))
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _make_callbacks(checkpoint: Checkpoint | None, history: list[dict], epochs: int, label: str):
+def _make_callbacks(history: list[dict], epochs: int, label: str):
     import keras
 
     class Progress(keras.callbacks.Callback):
-        """Per-epoch record (metrics, lr, seconds), NaN guard, checkpoint, and a readable log line."""
+        """Per-epoch record (metrics, lr, seconds), NaN guard and a readable log line. Runs first."""
 
         diverged: str | None = None
 
@@ -213,14 +261,31 @@ def _make_callbacks(checkpoint: Checkpoint | None, history: list[dict], epochs: 
             lr = float(np.asarray(opt.learning_rate if not callable(opt._learning_rate) else opt._learning_rate(opt.iterations)))
             rec = {"epoch": epoch + 1, **logs, "learning_rate": lr, "epoch_seconds": time.perf_counter() - self.t0}
             history.append(rec)
-            if checkpoint is not None:
-                checkpoint.save(self.model, epoch + 1, history)
-            if os.environ.get(FAULT_ENV) == str(epoch + 1):  # fault injection: a real kill -9, for the resume test
-                os.kill(os.getpid(), signal.SIGKILL)
             shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
             log.info("%s epoch %d/%d %s (%.1fs)", label, epoch + 1, epochs, shown, rec["epoch_seconds"])
 
     return Progress()
+
+
+def _make_saver(checkpoint: Checkpoint, history: list[dict], progress, callbacks: list, restored: Restored | None):
+    """Runs last: puts a resumed run's callback counters back after the callbacks reset them in
+    on_train_begin, and saves the checkpoint once every callback has seen the epoch (a lowered learning
+    rate, an early stop, the diagnostics of the epoch are all in the saved state)."""
+    import keras
+
+    class Saver(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if restored is not None:
+                restored.apply(callbacks)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if progress.diverged:
+                return
+            checkpoint.save(self.model, epoch + 1, history, callbacks, stopped=bool(self.model.stop_training))
+            if os.environ.get(FAULT_ENV) == str(epoch + 1):  # fault injection: a real kill -9, for the resume tests
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return Saver()
 
 
 @dataclass
@@ -256,7 +321,7 @@ def compile_model(
     )
 
 
-def prebuild(model, x, y) -> None:
+def prebuild(model, data: TaskData, batch_size: int) -> None:
     """Create the compiled metrics' and the optimizer's variables before ``fit`` traces its training step.
 
     Keras (TensorFlow backend, no distribution strategy) creates them inside the first trace, and a
@@ -264,8 +329,8 @@ def prebuild(model, x, y) -> None:
     for the small MLPs, +1.3 s for the 100-layer nets). Keras does exactly this build itself when a
     distribution strategy is set; it only creates zero-initialized variables, so the weights are unchanged."""
     build = getattr(model, "_symbolic_build", None)
-    if build is not None:
-        build(data_batch=(x, y, None))
+    if build is not None:  # a batch's shapes and dtypes, as train_dataset makes it
+        build(data_batch=(data.x["train"][:batch_size].astype(np.float32), data.y["train"][:batch_size], None))
 
 
 def fit(
@@ -286,12 +351,11 @@ def fit(
     steps = math.ceil(len(data.x["train"]) / bs)
     history: list[dict] = []
     start = 0
-    if checkpoint is not None:
-        restored = checkpoint.load(model)
-        if restored:
-            start, history = restored
-            log.info("%s: resuming after epoch %d/%d from %s", label, start, epochs, checkpoint.dir)
-    progress = _make_callbacks(checkpoint, history, epochs, label)
+    restored = checkpoint.load(model) if checkpoint is not None else None
+    if restored:
+        start, history = restored.epoch, restored.history
+        log.info("%s: resuming after epoch %d/%d from %s", label, start, epochs, checkpoint.dir)
+    progress = _make_callbacks(history, epochs, label)
     cbs: list = [progress]
     if isinstance(exp.schedule, PerformanceSchedule):
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=exp.schedule.monitor, factor=exp.schedule.factor, patience=exp.schedule.patience))
@@ -299,9 +363,11 @@ def fit(
         es = exp.train.early_stopping
         cbs.append(keras.callbacks.EarlyStopping(monitor=es.monitor, patience=es.patience, restore_best_weights=es.restore_best_weights))
     cbs += callbacks or []
-    if start < epochs:
+    if checkpoint is not None:
+        cbs.append(_make_saver(checkpoint, history, progress, cbs, restored))
+    if start < epochs and not (restored and restored.stopped):
         done = int(model.optimizer.iterations)
-        prebuild(model, data.x["train"][:bs].astype(np.float32), data.y["train"][:bs])
+        prebuild(model, data, bs)
         model.fit(
             train_dataset(data.x["train"], data.y["train"], bs, seed, start, epochs),
             validation_data=eval_dataset(data.x["valid"], data.y["valid"], runtime.eval_batch_size),
@@ -316,6 +382,17 @@ def fit(
             ran = int(model.optimizer.iterations) - done
             if ran != steps * (epochs - start):
                 raise RuntimeError(f"{label}: ran {ran} train steps, expected {steps * (epochs - start)}")
+    elif restored is not None:
+        # the interrupted run had finished training (every epoch, or an early stop) but was killed before its
+        # outputs were written: begin and end it as fit does, with no epoch in between (the saver puts the
+        # callbacks' state back; EarlyStopping then restores its best weights; diagnostics reload their records)
+        log.info("%s: training had already ended after epoch %d; no more epochs", label, start)
+        for cb in cbs:
+            cb.set_model(model)
+            cb.set_params({"epochs": epochs, "steps": steps, "verbose": 0})
+        for hook in ("on_train_begin", "on_train_end"):
+            for cb in cbs:
+                getattr(cb, hook)()
     if progress.diverged:
         if checkpoint is not None:
             checkpoint.clear()
@@ -376,7 +453,7 @@ def lr_range_test(
             if not math.isfinite(mean) or (len(losses) > 10 and losses[-1] > 4 * min(losses)):
                 self.model.stop_training = True
 
-    prebuild(model, data.x["train"][:bs].astype(np.float32), data.y["train"][:bs])
+    prebuild(model, data, bs)
     model.fit(train_dataset(data.x["train"], data.y["train"], bs, seed, 0, rt.epochs), epochs=rt.epochs,
               steps_per_epoch=steps // rt.epochs, callbacks=[Record()], shuffle=False, verbose=0)
     smooth, ema = [], None

@@ -54,9 +54,10 @@ def test_cli_exit_code_on_nan(tiny_ws, tmp_path):
     assert "TrainingDiverged" in proc.stderr and "no model was written" in proc.stderr
 
 
-def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_ws):
-    name = "dropout"  # dropout RNG state and Nadam slots must survive the restart too
-    args = [sys.executable, "-m", "components", "experiment", name, "-S", f"experiments.{name}.train.epochs=4"]
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_ws, tmp_path):
+    name = "dropout"  # dropout RNG state and Nadam slots must survive the restart too; so must the diagnostics
+    sets = {f"experiments.{name}.train.epochs": 4, f"experiments.{name}.train.diagnostics.enabled": "true"}
+    args = [sys.executable, "-m", "components", "experiment", name] + [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
     killed = run(args, cwd=tiny_ws, check=False, PYTHONPATH=str(ROOT), CH11_FAULT_KILL_AFTER_EPOCH="2")
     assert killed.returncode in (-9, 137), killed.stderr[-2000:]
     assert not (tiny_ws / f"models/experiments/{name}.keras").exists()
@@ -67,11 +68,94 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_ws):
     assert not list((tiny_ws / ".checkpoints").glob(f"{name}-*")), "resume state should be cleared after success"
     import keras
 
-    from components import models  # noqa: F401
+    from components import diagnostics, models  # noqa: F401
 
     got = keras.models.load_model(tiny_ws / f"models/experiments/{name}.keras").get_weights()
-    ref, _ = train_weights(tiny_ws, name, **{f"experiments.{name}.train.epochs": 4})
-    assert all(np.array_equal(a, b) for a, b in zip(got, ref)), "resumed run differs from an uninterrupted one"
+    p = ws_params(tiny_ws, **sets)
+    exp = p.experiments[name]
+    data = train.load_task(tiny_ws / "data/splits", exp.task)
+    model, _, _, extras = experiment.train_experiment(name, exp, p, data, experiment.load_scaler_if(exp, tiny_ws / "data/scaler.npz"))
+    extras["checkpoint"].clear()
+    assert all(np.array_equal(a, b) for a, b in zip(got, model.get_weights())), "resumed run differs from an uninterrupted one"
+    diagnostics.write_csv(tmp_path / "ref.csv", extras["diagnostics"])
+    assert {r.epoch for r in extras["diagnostics"]} == {0, 1, 2, 3, 4}
+    assert (tiny_ws / f"plots/diagnostics/{name}.csv").read_text() == (tmp_path / "ref.csv").read_text(), \
+        "the resumed run's gradient diagnostics differ from an uninterrupted run's (an epoch lost at the kill?)"
+
+
+def _history(ws: Path, name: str) -> list[dict]:
+    import csv
+
+    with open(ws / f"plots/experiments/{name}.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_keeps_the_counters_of_early_stopping_and_reduce_lr_on_plateau(tiny_ws, tmp_path):
+    """A kill -9 in the middle of a patience window, and one right after the epoch where early stopping fired:
+    both resumed runs stop, and lower the learning rate, exactly when the uninterrupted run does."""
+    name = "lr_performance"  # ReduceLROnPlateau; early stopping and diagnostics added below
+    sets = {f"experiments.{name}.train.epochs": 8, f"experiments.{name}.schedule.patience": 1,
+            f"experiments.{name}.train.diagnostics.enabled": "true",
+            f"experiments.{name}.train.early_stopping": "{monitor: val_loss, patience: 3, restore_best_weights: true}"}
+    p = ws_params(tiny_ws, **sets)
+    exp = p.experiments[name]
+    data = train.load_task(tiny_ws / "data/splits", exp.task)
+    model, _, ref_hist, extras = experiment.train_experiment(name, exp, p, data, experiment.load_scaler_if(exp, tiny_ws / "data/scaler.npz"))
+    extras["checkpoint"].clear()
+    ref_w = model.get_weights()
+    from components import diagnostics
+
+    diagnostics.write_csv(tmp_path / "ref.csv", extras["diagnostics"])
+    lrs = [h["learning_rate"] for h in ref_hist]
+    stopped_at = len(ref_hist)
+    # the test means something only if the rate was lowered and training stopped early, after the first kill
+    assert stopped_at < 8, f"early stopping did not fire: {ref_hist}"
+    lowered = [i + 1 for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1]]  # epochs (1-based) run at a lowered rate
+    assert lowered, f"the learning rate was never lowered: {lrs}"
+    first_kill = lowered[0] - 1  # right after ReduceLROnPlateau lowered the rate, inside early stopping's patience
+    assert 0 < first_kill < stopped_at
+    args = [sys.executable, "-m", "components", "experiment", name] + [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
+    import keras
+
+    from components import models  # noqa: F401
+
+    for kill_after in (first_kill, stopped_at):
+        killed = run(args, cwd=tiny_ws, check=False, PYTHONPATH=str(ROOT), CH11_FAULT_KILL_AFTER_EPOCH=str(kill_after))
+        assert killed.returncode in (-9, 137), killed.stderr[-2000:]
+        resumed = run(args, cwd=tiny_ws, PYTHONPATH=str(ROOT))
+        assert f"resuming after epoch {kill_after}/8" in resumed.stderr, resumed.stderr[-2000:]
+        got = keras.models.load_model(tiny_ws / f"models/experiments/{name}.keras").get_weights()
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref_w)), f"killed after epoch {kill_after}: resumed run differs"
+        hist = _history(tiny_ws, name)
+        assert len(hist) == stopped_at, f"killed after epoch {kill_after}: {len(hist)} epochs, not {stopped_at}"
+        assert [float(h["learning_rate"]) for h in hist] == lrs, f"killed after epoch {kill_after}: other learning rates"
+        assert (tiny_ws / f"plots/diagnostics/{name}.csv").read_text() == (tmp_path / "ref.csv").read_text(), \
+            f"killed after epoch {kill_after}: other gradient diagnostics"
+
+
+def test_checkpoint_round_trips_callback_counters(tmp_path):
+    import keras
+
+    from components.config import ModelSpec
+    from components.models import build_model
+
+    model = build_model(ModelSpec(hidden=[{"units": 4}], activation="relu"), seed=1)
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="sgd")
+    es = keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True)
+    rl = keras.callbacks.ReduceLROnPlateau(patience=2)
+    es.wait, es.best, es.best_epoch, es.stopped_epoch = 2, np.float32(0.25), 4, 0
+    es.best_weights = [w + 1 for w in model.get_weights()]
+    rl.wait, rl.best, rl.cooldown_counter = 1, 0.5, 0
+    ckpt = train.Checkpoint(tmp_path / "c")
+    ckpt.save(model, 5, [{"epoch": 5}], [object(), rl, es], stopped=True)
+    es2, rl2 = keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True), keras.callbacks.ReduceLROnPlateau(patience=2)
+    for cb in (es2, rl2):
+        cb.on_train_begin()  # what fit does first: resets every counter
+    restored = ckpt.load(model)
+    assert restored is not None and restored.epoch == 5 and restored.stopped
+    restored.apply([object(), rl2, es2])
+    assert (es2.wait, es2.best, es2.best_epoch, rl2.wait, rl2.best) == (2, 0.25, 4, 1, 0.5)
+    assert all(np.array_equal(a, b) for a, b in zip(es2.best_weights, es.best_weights))
 
 
 @pytest.mark.parametrize("name", ["bn_before", "alpha_dropout"])  # BN in inference mode; dropout off
