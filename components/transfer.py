@@ -170,6 +170,9 @@ def run_b_on_a(
     from . import models  # noqa: F401  (custom layers)
 
     t = _transfer(params)
+    # before anything runs a TensorFlow op (loading A does): TensorFlow fixes its thread pools at the first op,
+    # and B-on-A would train with the default threads, not params' runtime (other numbers, no determinism)
+    train.configure(params.runtime)
     data = train.load_task(splits_dir, "b")
     model_a = keras.models.load_model(model_a_path)
     a_before = [w.copy() for w in model_a.get_weights()]

@@ -1,13 +1,15 @@
 """B-on-A: a clone of A (A untouched), a new head, frozen layers still in phase 1 and moving in phase 2."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
 from components import train, transfer
 from components.experiment import train_experiment
 
-from .conftest import ws_params
+from .conftest import ROOT, run, ws_params
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,36 @@ def test_b_on_a_clones_freezes_then_unfreezes(tiny_ws, model_a):
     assert [h["phase"] for h in history] == ["frozen", "frozen", "unfrozen", "unfrozen"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert 0 <= metrics["test_accuracy"] <= 1
+
+
+def test_b_on_a_killed_in_the_unfrozen_phase_resumes_and_matches_an_uninterrupted_run(tiny_ws, model_a, tmp_path):
+    """The b_on_a stage killed (-9) after epoch 2 of 3 of the unfrozen phase: the rerun takes the frozen phase
+    from its checkpoint, goes on with the unfrozen one from epoch 2 (new optimizer after the re-compile, its
+    own slots restored) and ends with the weights of a run that was never interrupted, on params' threads."""
+    import json
+
+    import keras
+
+    sets = {"transfer.b_on_a.frozen_epochs": 1, "transfer.b_on_a.unfrozen_epochs": 3, "transfer.seeds": "[42]"}
+    model_a.save(tmp_path / "model_a.keras")
+    # model_b's metrics in the format run_model_b writes (only B's accuracy enters B-on-A's outputs)
+    (tmp_path / "model_b.json").write_text(json.dumps(transfer._summary("model_b", {42: {"test_accuracy": 0.9, "test_loss": 0.3}})))
+    binds = {"model_a_path": tmp_path / "model_a.keras", "model_b_metrics": tmp_path / "model_b.json",
+             "models_dir": tmp_path / "b_on_a", "metrics_path": tmp_path / "b_on_a.json", "history_path": tmp_path / "b_on_a.csv"}
+    args = ([sys.executable, "-m", "components", "b_on_a"] + [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
+            + [a for k, v in binds.items() for a in ("--bind", f"{k}={v}")])
+    killed = run(args, cwd=tiny_ws, check=False, PYTHONPATH=str(ROOT), CH11_FAULT_KILL_AFTER_EPOCH="2")
+    assert killed.returncode in (-9, 137), killed.stderr[-2000:]
+    assert not (tmp_path / "b_on_a.json").exists()
+    resumed = run(args, cwd=tiny_ws, PYTHONPATH=str(ROOT))
+    assert "initialized before the runtime settings" not in resumed.stderr, "B-on-A did not train on params' threads"
+    assert "(frozen): training had already ended after epoch 1" in resumed.stderr, resumed.stderr[-3000:]
+    assert "(unfrozen): resuming after epoch 2/3" in resumed.stderr, resumed.stderr[-3000:]
+    assert not list((tiny_ws / ".checkpoints").glob("b_on_a-42-*")), "resume state should be cleared after success"
+    got = keras.models.load_model(tmp_path / "b_on_a" / "seed_42.keras").get_weights()
+    ref, _, _ = transfer.train_b_on_a(ws_params(tiny_ws, **sets), model_a, train.load_task(tiny_ws / "data/splits", "b"), seed=42)
+    assert len(got) == len(ref.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(got, ref.get_weights())), "resumed B-on-A differs from an uninterrupted one"
 
 
 def test_error_rate_reduction():
