@@ -372,11 +372,21 @@ def register(tracker: Tracker | None, model_uri: str, short_name: str, value: fl
     reg = params.mlflow.registry
     name = f"{reg.name_prefix}_{short_name}"
     client = tracker.client
+    model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None  # an MLflow 3 logged model
+    if model_id is not None:
+        try:
+            client.get_logged_model(model_id)
+        except Exception:  # noqa: BLE001 - not in this tracking store
+            # metrics fetched with `dvc pull` (or copied from another clone) name models of the MLflow that made them
+            log.warning("not registering %s: its model %s is not in this MLflow (%s); the metrics that name it were "
+                        "made against another tracking store. Rerun the step that trained it (`dvc repro -f <stage>`) "
+                        "to log it here.", name, model_uri, tracking_uri())
+            client.set_tag(tracker.run_id, f"registry.{short_name}", f"skipped: {model_uri} not in this tracking store")
+            return None
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - not registered yet
         client.create_registered_model(name, description=f"Hands-On ML ch. 11: {short_name}")
-    model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None  # an MLflow 3 logged model
     mv = client.create_model_version(name, source=model_uri, run_id=tracker.run_id, tags={reg.metric: str(value)},
                                      model_id=model_id)
     try:

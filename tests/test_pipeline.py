@@ -122,6 +122,32 @@ def test_alias_moves_only_for_a_better_version(repo, repro, mlflow_server):
     assert c.get_model_version_by_alias("ch11_model_a", "champion").version == better["version"]
 
 
+def test_a_model_from_another_mlflow_is_skipped_with_a_warning_not_an_error(repo, repro, mlflow_server, caplog):
+    """Metrics fetched with `dvc pull` name the models of the MLflow that made them; when the report registers
+    the best variant from them, a model missing here must not fail the stage: it is skipped, and said so."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    from components import tracking
+    from components.config import load_params
+
+    c = MlflowClient(mlflow_server)
+    p = load_params(repo / "params.yaml")
+    current = c.get_model_version_by_alias("ch11_model_a", "champion")
+    exp_id = c.get_run(current.run_id).info.experiment_id
+    tr = tracking.Tracker(c, c.create_run(exp_id, tags={"mlflow.runName": "foreign model"}).info.run_id, exp_id)
+    versions = len(c.search_model_versions("name='ch11_model_a'"))
+    with caplog.at_level(logging.WARNING, logger="components.tracking"):
+        out = tracking.register(tr, "models:/m-0123456789abcdef0123456789abcdef", "model_a", 2.0, p)
+    assert out is None
+    assert "not in this MLflow" in caplog.text and "dvc repro -f" in caplog.text
+    assert len(c.search_model_versions("name='ch11_model_a'")) == versions
+    assert c.get_model_version_by_alias("ch11_model_a", "champion").version == current.version
+    assert c.get_run(tr.run_id).data.tags["registry.model_a"].startswith("skipped:")
+    c.set_terminated(tr.run_id, "FINISHED")
+
+
 def test_failed_step_is_a_failed_run(repo, repro, mlflow_server):
     from mlflow import MlflowClient
 
