@@ -18,13 +18,23 @@ def outputs(ws: Path, name: str, tag: str) -> dict[str, Path]:
             "history_path": d / f"{name}.csv", "artifacts_dir": d / name, "diagnostics_path": d / "diagnostics" / f"{name}.csv"}
 
 
-def train_weights(ws, name, seed=42, **upd):
+def train_in_process(ws, name, seed=42, **upd):
+    """An uninterrupted run of one experiment in this process: (model, metrics, history, extras)."""
     p = ws_params(ws, seed=seed, **upd)
     data = train.load_task(ws / "data/splits", p.experiments[name].task)
     exp = p.experiments[name]
     model, metrics, history, extras = experiment.train_experiment(name, exp, p, data, experiment.load_scaler_if(exp, ws / "data/scaler.npz"))
     extras["checkpoint"].clear()
+    return model, metrics, history, extras
+
+
+def train_weights(ws, name, seed=42, **upd):
+    model, metrics, _, _ = train_in_process(ws, name, seed, **upd)
     return model.get_weights(), metrics
+
+
+def cli_sets(sets: dict) -> list[str]:
+    return [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
 
 
 @pytest.mark.parametrize("name", ["dropout", "bn_after"])
@@ -57,7 +67,7 @@ def test_cli_exit_code_on_nan(tiny_ws, tmp_path):
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_ws, tmp_path):
     name = "dropout"  # dropout RNG state and Nadam slots must survive the restart too; so must the diagnostics
     sets = {f"experiments.{name}.train.epochs": 4, f"experiments.{name}.train.diagnostics.enabled": "true"}
-    args = [sys.executable, "-m", "components", "experiment", name] + [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
+    args = [sys.executable, "-m", "components", "experiment", name] + cli_sets(sets)
     killed = run(args, cwd=tiny_ws, check=False, PYTHONPATH=str(ROOT), CH11_FAULT_KILL_AFTER_EPOCH="2")
     assert killed.returncode in (-9, 137), killed.stderr[-2000:]
     assert not (tiny_ws / f"models/experiments/{name}.keras").exists()
@@ -71,11 +81,7 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_ws, tmp
     from components import diagnostics, models  # noqa: F401
 
     got = keras.models.load_model(tiny_ws / f"models/experiments/{name}.keras").get_weights()
-    p = ws_params(tiny_ws, **sets)
-    exp = p.experiments[name]
-    data = train.load_task(tiny_ws / "data/splits", exp.task)
-    model, _, _, extras = experiment.train_experiment(name, exp, p, data, experiment.load_scaler_if(exp, tiny_ws / "data/scaler.npz"))
-    extras["checkpoint"].clear()
+    model, _, _, extras = train_in_process(tiny_ws, name, **sets)
     assert all(np.array_equal(a, b) for a, b in zip(got, model.get_weights())), "resumed run differs from an uninterrupted one"
     diagnostics.write_csv(tmp_path / "ref.csv", extras["diagnostics"])
     assert {r.epoch for r in extras["diagnostics"]} == {0, 1, 2, 3, 4}
@@ -97,11 +103,7 @@ def test_resume_keeps_the_counters_of_early_stopping_and_reduce_lr_on_plateau(ti
     sets = {f"experiments.{name}.train.epochs": 8, f"experiments.{name}.schedule.patience": 1,
             f"experiments.{name}.train.diagnostics.enabled": "true",
             f"experiments.{name}.train.early_stopping": "{monitor: val_loss, patience: 3, restore_best_weights: true}"}
-    p = ws_params(tiny_ws, **sets)
-    exp = p.experiments[name]
-    data = train.load_task(tiny_ws / "data/splits", exp.task)
-    model, _, ref_hist, extras = experiment.train_experiment(name, exp, p, data, experiment.load_scaler_if(exp, tiny_ws / "data/scaler.npz"))
-    extras["checkpoint"].clear()
+    model, _, ref_hist, extras = train_in_process(tiny_ws, name, **sets)
     ref_w = model.get_weights()
     from components import diagnostics
 
@@ -114,7 +116,7 @@ def test_resume_keeps_the_counters_of_early_stopping_and_reduce_lr_on_plateau(ti
     assert lowered, f"the learning rate was never lowered: {lrs}"
     first_kill = lowered[0] - 1  # right after ReduceLROnPlateau lowered the rate, inside early stopping's patience
     assert 0 < first_kill < stopped_at
-    args = [sys.executable, "-m", "components", "experiment", name] + [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
+    args = [sys.executable, "-m", "components", "experiment", name] + cli_sets(sets)
     import keras
 
     from components import models  # noqa: F401
