@@ -358,6 +358,10 @@ class Runtime(Strict):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
     intra_op_threads: int = Field(1, ge=0, description="0 = TensorFlow's default")
     inter_op_threads: int = Field(2, ge=0)
+    shard_min_weights: int = Field(
+        200_000, ge=0, description="hidden Dense kernels of at least this many weights are held as `shards` column "
+        "blocks whose products run on the inter-op threads at once (same function and initial weights; 0 = never)")
+    shards: int = Field(2, ge=1, description="column blocks of a sharded Dense kernel")
     deterministic: bool = True
     eval_batch_size: int = Field(1000, gt=0)
     checkpoint_dir: str = Field(".checkpoints", description="resume state of interrupted training (not a DVC output)")

@@ -110,7 +110,8 @@ class Probe:
         self.x = tf.constant(x)
         self.y = tf.constant(y)
         self.loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
-        self.kernels = [layer.kernel for layer in dense_layers(model)]
+        # a ShardedDense holds its kernel as column blocks: the layer's gradient norm is over all of them
+        self.kernels = [list(getattr(layer, "kernels", None) or [layer.kernel]) for layer in dense_layers(model)]
         self.names = layer_names(model)
         outs = [layer.output for layer in hidden_outputs(model)]
         self.view = keras.Model(model.inputs, [*outs, model.outputs[0]])
@@ -122,8 +123,8 @@ class Probe:
             *hidden, pred = self.view(self.x, training=False)
             loss = tf.reduce_mean(self.loss_fn(self.y, pred))
         grads = tape.gradient(loss, self.kernels)
-        norms = [float(tf.norm(g)) if g is not None else 0.0 for g in grads]
-        sizes = [int(np.prod(k.shape)) for k in self.kernels]
+        norms = [math.sqrt(sum(float(tf.norm(g)) ** 2 for g in gs if g is not None)) for gs in grads]
+        sizes = [sum(int(np.prod(k.shape)) for k in ks) for ks in self.kernels]
         records = []
         for i, (name, g, size) in enumerate(zip(self.names, norms, sizes)):
             if i < len(hidden):

@@ -7,6 +7,7 @@ Every model takes raw pixels (0..255, flattened: 784 for Fashion-MNIST, 3072 for
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import keras
@@ -38,6 +39,64 @@ class MCDropout(keras.layers.Dropout):
 class MCAlphaDropout(keras.layers.AlphaDropout):
     def call(self, inputs, training=None):
         return super().call(inputs, training=True)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ShardedDense(keras.layers.Dense):
+    """A Dense layer whose kernel is held as ``shards`` blocks of columns (tensor parallelism on the CPU's cores).
+
+    Same function, same parameters and the same initial values as ``Dense`` (the full kernel is drawn from the
+    initializer, then cut into column blocks). Each block's products (forward ``x @ w_j``, weight gradient
+    ``x.T @ dy_j``) and its optimizer update are separate ops, which TensorFlow's two inter-op threads run at once;
+    one intra-op thread per op keeps each op deterministic, and since no block's result depends on the other's,
+    the weights do not depend on how the ops were scheduled (a test trains on one thread and on two and compares
+    the bits). ``kernel`` reads the whole matrix."""
+
+    def __init__(self, units, shards: int = 2, **kwargs):
+        super().__init__(units, **kwargs)
+        self.shards = int(shards)
+
+    def build(self, input_shape):
+        n_in = int(input_shape[-1])
+        full = self.kernel_initializer((n_in, self.units), dtype=self.variable_dtype)
+        cuts = [self.units * j // self.shards for j in range(self.shards + 1)]
+        self.kernels = [
+            self.add_weight(
+                name=f"kernel_{j}",
+                shape=(n_in, cuts[j + 1] - cuts[j]),
+                initializer=lambda shape, dtype=None, block=full[:, cuts[j]:cuts[j + 1]]: keras.ops.convert_to_tensor(block, dtype),
+                regularizer=self.kernel_regularizer,
+                constraint=self.kernel_constraint,  # MaxNorm works per column: the same on a block
+            )
+            for j in range(self.shards)
+        ]
+        self.bias = (
+            self.add_weight(name="bias", shape=(self.units,), initializer=self.bias_initializer,
+                            regularizer=self.bias_regularizer, constraint=self.bias_constraint)
+            if self.use_bias else None
+        )
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: n_in})
+        self.built = True
+
+    @property
+    def kernel(self):
+        return keras.ops.concatenate([k.value for k in self.kernels], axis=-1)
+
+    def call(self, inputs, training=None):
+        x = keras.ops.concatenate([keras.ops.matmul(inputs, k) for k in self.kernels], axis=-1)
+        if self.bias is not None:
+            x = keras.ops.add(x, self.bias)
+        return self.activation(x) if self.activation is not None else x
+
+    # Dense's own (quantization-aware) variable storage expects one kernel; store the blocks as variables.
+    def save_own_variables(self, store):
+        keras.layers.Layer.save_own_variables(self, store)
+
+    def load_own_variables(self, store):
+        keras.layers.Layer.load_own_variables(self, store)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "shards": self.shards}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -159,8 +218,13 @@ def build_model(
     mc: bool = False,
     seed: int | None = None,
     name: str = "model",
+    shard_min_weights: int = 0,
+    shards: int = 2,
 ) -> keras.Sequential:
     """Build the Sequential MLP a spec describes. ``mc=True`` swaps dropout for its MC twin (same weights).
+
+    Hidden Dense layers of at least ``shard_min_weights`` kernel weights (0: none) are ``ShardedDense`` with
+    ``shards`` column blocks: the same function and initial weights, computed on several cores at once.
 
     ``seed`` fixes every initializer (each layer gets seed + its index), so the same spec and seed
     give the same initial weights whatever else was built before.
@@ -185,7 +249,7 @@ def build_model(
     reg = regularizer(spec.regularizer)
     constraint = keras.constraints.MaxNorm(spec.max_norm) if spec.max_norm else None
     simple_act = spec.activation.name not in ("leaky_relu", "prelu") and spec.activation.alpha is None
-    i = 0
+    i, fan_in = 0, n_inputs
     for block in spec.hidden:
         for _ in range(block.repeat):
             i += 1
@@ -193,8 +257,9 @@ def build_model(
                 layers.append(dropout(i))
             fused = simple_act and spec.batch_norm != "before"
             act_name = {"swish": "silu"}.get(spec.activation.name, spec.activation.name)
+            sharded = shards > 1 and 0 < shard_min_weights <= fan_in * block.units
             layers.append(
-                keras.layers.Dense(
+                (partial(ShardedDense, shards=shards) if sharded else keras.layers.Dense)(
                     block.units,
                     activation=act_name if fused else None,
                     use_bias=spec.batch_norm != "before",
@@ -204,6 +269,7 @@ def build_model(
                     name=f"dense_{i}",
                 )
             )
+            fan_in = block.units
             if spec.batch_norm == "before":
                 layers.append(keras.layers.BatchNormalization(name=f"bn_{i}"))
             if not fused:

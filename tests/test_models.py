@@ -143,3 +143,28 @@ def test_invalid_specs_are_named(mutate, expected):
     with pytest.raises(ParamsError) as info:
         validate_params(r)
     assert expected in str(info.value)
+
+
+def test_sharded_dense_is_dense_in_column_blocks(P, tmp_path):
+    """Same initial weights, same function, saved, loaded and cloned as itself; only wide layers are sharded."""
+    from components.models import ShardedDense
+
+    spec = P.experiments["l2"].model.model_copy(update={"hidden": P.experiments["leaky_relu"].model.hidden})
+    plain = build_model(spec, scaler=SCALER, seed=42)
+    sharded = build_model(spec, scaler=SCALER, seed=42, shard_min_weights=200_000)
+    assert "ShardedDense" not in kinds(plain)
+    assert isinstance(sharded.get_layer("dense_1"), ShardedDense) and type(sharded.get_layer("dense_2")) is keras.layers.Dense
+    assert [tuple(v.shape) for v in sharded.get_layer("dense_1").kernels] == [(784, 150), (784, 150)]
+    assert np.array_equal(plain.get_layer("dense_1").kernel.numpy(), sharded.get_layer("dense_1").kernel.numpy()), \
+        "the blocks must hold the very initial kernel a Dense layer draws"
+    x = np.random.default_rng(0).integers(0, 256, (64, 784)).astype(np.float32)
+    np.testing.assert_allclose(sharded(x).numpy(), plain(x).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(sum(sharded.losses)), float(sum(plain.losses)), rtol=1e-6)  # l2 over the blocks
+    sharded.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert kinds(loaded) == kinds(sharded)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), sharded.get_weights()))
+    twin = to_mc(sharded)  # clone_model, as MC dropout and B-on-A use it
+    assert kinds(twin) == kinds(sharded) and np.array_equal(twin(x).numpy(), sharded(x).numpy())
+    narrow = build_model(P.experiments["opt_sgd"].model, seed=42, shard_min_weights=200_000)  # 784x100: stays Dense
+    assert "ShardedDense" not in kinds(narrow)

@@ -190,3 +190,24 @@ def test_fit_traces_the_training_step_once(tiny_ws):
     train.compile_model(model, exp, p.runtime, learning_rate(exp.optimizer, exp.schedule, steps, 1), "sparse_categorical_crossentropy", steps)
     train.fit(model, exp, data, p.runtime, 42, 1)
     assert len(traces) == 1
+
+
+def test_sharded_layers_give_the_same_weights_on_one_thread_or_two(tiny_ws):
+    """The wide layer's column blocks run at once on two inter-op threads; the bits must not depend on it."""
+    import keras
+
+    from components import models  # noqa: F401  (custom layers)
+
+    name = "leaky_relu"  # 784x300 first layer: sharded by the default runtime
+    weights = []
+    for threads in (1, 2):
+        sets = {f"experiments.{name}.train.epochs": 2, "runtime.inter_op_threads": threads}
+        run([sys.executable, "-m", "components", "experiment", name] + cli_sets(sets), cwd=tiny_ws, PYTHONPATH=str(ROOT))
+        model = keras.models.load_model(tiny_ws / f"models/experiments/{name}.keras")
+        assert isinstance(model.get_layer("dense_1"), models.ShardedDense)
+        weights.append(model.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(*weights)), "one inter-op thread and two gave different weights"
+    p = ws_params(tiny_ws)
+    assert train.sharding(p.experiments[name], p.runtime)["shard_min_weights"] > 0
+    assert train.sharding(p.experiments["clip_norm"], p.runtime)["shard_min_weights"] == 0, \
+        "clipnorm clips each variable by its own norm: a sharded kernel would change the optimizer"
