@@ -362,6 +362,10 @@ class Runtime(Strict):
         200_000, ge=0, description="hidden Dense kernels of at least this many weights are held as `shards` column "
         "blocks whose products run on the inter-op threads at once (same function and initial weights; 0 = never)")
     shards: int = Field(2, ge=1, description="column blocks of a sharded Dense kernel")
+    shard_min_share: float = Field(
+        0.5, ge=0, le=1, description="...and holding at least this share of the net's Dense weights: the blocks pay "
+        "where the layer is most of the step (the 300-100 MLPs), not in the 100-layer nets, whose other thread is "
+        "busy with the backward pass anyway")
     deterministic: bool = True
     eval_batch_size: int = Field(1000, gt=0)
     checkpoint_dir: str = Field(".checkpoints", description="resume state of interrupted training (not a DVC output)")

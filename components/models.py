@@ -220,11 +220,13 @@ def build_model(
     name: str = "model",
     shard_min_weights: int = 0,
     shards: int = 2,
+    shard_min_share: float = 0.0,
 ) -> keras.Sequential:
     """Build the Sequential MLP a spec describes. ``mc=True`` swaps dropout for its MC twin (same weights).
 
-    Hidden Dense layers of at least ``shard_min_weights`` kernel weights (0: none) are ``ShardedDense`` with
-    ``shards`` column blocks: the same function and initial weights, computed on several cores at once.
+    Hidden Dense layers of at least ``shard_min_weights`` kernel weights (0: none) and at least
+    ``shard_min_share`` of all the net's kernel weights are ``ShardedDense`` with ``shards`` column blocks: the
+    same function and initial weights, computed on several cores at once.
 
     ``seed`` fixes every initializer (each layer gets seed + its index), so the same spec and seed
     give the same initial weights whatever else was built before.
@@ -249,6 +251,8 @@ def build_model(
     reg = regularizer(spec.regularizer)
     constraint = keras.constraints.MaxNorm(spec.max_norm) if spec.max_norm else None
     simple_act = spec.activation.name not in ("leaky_relu", "prelu") and spec.activation.alpha is None
+    widths = [n_inputs] + [b.units for b in spec.hidden for _ in range(b.repeat)] + [n_out]
+    total_weights = sum(a * b for a, b in zip(widths, widths[1:]))
     i, fan_in = 0, n_inputs
     for block in spec.hidden:
         for _ in range(block.repeat):
@@ -257,7 +261,8 @@ def build_model(
                 layers.append(dropout(i))
             fused = simple_act and spec.batch_norm != "before"
             act_name = {"swish": "silu"}.get(spec.activation.name, spec.activation.name)
-            sharded = shards > 1 and 0 < shard_min_weights <= fan_in * block.units
+            size = fan_in * block.units
+            sharded = shards > 1 and 0 < shard_min_weights <= size and size >= shard_min_share * total_weights
             layers.append(
                 (partial(ShardedDense, shards=shards) if sharded else keras.layers.Dense)(
                     block.units,

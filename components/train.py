@@ -313,7 +313,8 @@ def sharding(exp: Experiment, runtime: Runtime) -> dict[str, int]:
     norm, and a kernel in blocks would be clipped block by block — another optimizer than the spec's. The
     threads never decide it: the same params give the same weights on one inter-op thread or on two."""
     on = exp.optimizer.clipnorm is None and runtime.shards > 1
-    return {"shard_min_weights": runtime.shard_min_weights if on else 0, "shards": runtime.shards}
+    return {"shard_min_weights": runtime.shard_min_weights if on else 0, "shards": runtime.shards,
+            "shard_min_share": runtime.shard_min_share}
 
 
 def compile_model(

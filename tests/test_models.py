@@ -168,3 +168,19 @@ def test_sharded_dense_is_dense_in_column_blocks(P, tmp_path):
     assert kinds(twin) == kinds(sharded) and np.array_equal(twin(x).numpy(), sharded(x).numpy())
     narrow = build_model(P.experiments["opt_sgd"].model, seed=42, shard_min_weights=200_000)  # 784x100: stays Dense
     assert "ShardedDense" not in kinds(narrow)
+    # the 100-layer net's 784x300 layer is a fifth of its weights: not sharded at the default share (0.5)
+    share = P.runtime.shard_min_share
+    assert "ShardedDense" not in kinds(build_model(P.experiments["selu_deep"].model, seed=1, shard_min_weights=200_000, shard_min_share=share))
+    assert "ShardedDense" in kinds(build_model(P.experiments["selu_deep"].model, seed=1, shard_min_weights=200_000, shard_min_share=0.1))
+    assert "ShardedDense" in kinds(build_model(spec, seed=1, shard_min_weights=200_000, shard_min_share=share))
+
+
+def test_xla_is_off_for_nets_with_sharded_layers(P):
+    """XLA runs one op at a time: the blocks of a sharded layer must run in TensorFlow's executor instead."""
+    from components import train
+
+    exp = P.experiments["leaky_relu"]  # 3 layers, no dropout: XLA when not sharded
+    for shard_min, jit in ((200_000, False), (0, True)):
+        m = build_model(exp.model, seed=1, shard_min_weights=shard_min)
+        train.compile_model(m, exp, P.runtime, 1e-3, "sparse_categorical_crossentropy", 100)
+        assert m.jit_compile is jit, (shard_min, m.jit_compile)
