@@ -253,7 +253,7 @@ def build_model(
     simple_act = spec.activation.name not in ("leaky_relu", "prelu") and spec.activation.alpha is None
     widths = [n_inputs] + [b.units for b in spec.hidden for _ in range(b.repeat)] + [n_out]
     total_weights = sum(a * b for a, b in zip(widths, widths[1:]))
-    i, fan_in = 0, n_inputs
+    i = 0
     for block in spec.hidden:
         for _ in range(block.repeat):
             i += 1
@@ -261,7 +261,7 @@ def build_model(
                 layers.append(dropout(i))
             fused = simple_act and spec.batch_norm != "before"
             act_name = {"swish": "silu"}.get(spec.activation.name, spec.activation.name)
-            size = fan_in * block.units
+            size = widths[i - 1] * block.units
             sharded = shards > 1 and 0 < shard_min_weights <= size and size >= shard_min_share * total_weights
             layers.append(
                 (partial(ShardedDense, shards=shards) if sharded else keras.layers.Dense)(
@@ -274,7 +274,6 @@ def build_model(
                     name=f"dense_{i}",
                 )
             )
-            fan_in = block.units
             if spec.batch_norm == "before":
                 layers.append(keras.layers.BatchNormalization(name=f"bn_{i}"))
             if not fused:

@@ -307,7 +307,7 @@ def fused_steps(cap: int, steps_per_epoch: int) -> int:
     return max(d for d in range(1, min(cap, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 
-def sharding(exp: Experiment, runtime: Runtime) -> dict[str, int]:
+def sharding(exp: Experiment, runtime: Runtime) -> dict[str, float]:
     """The builder's sharding arguments for an experiment: wide hidden layers in column blocks, so that the two
     inter-op threads compute them at once. Not with ``clipnorm``: Keras clips each variable's gradient by its own
     norm, and a kernel in blocks would be clipped block by block — another optimizer than the spec's. The
