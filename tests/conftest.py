@@ -165,6 +165,11 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def cli_sets(sets: dict) -> list[str]:
+    """``-S key=value`` arguments of a stage command (``python -m components <step>``) for a dict of params."""
+    return [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=repo_env(**env), capture_output=True, text=True)
     if check and proc.returncode != 0:

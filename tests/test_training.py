@@ -9,7 +9,7 @@ import pytest
 
 from components import experiment, train
 
-from .conftest import ROOT, run, ws_params
+from .conftest import ROOT, cli_sets, run, ws_params
 
 
 def outputs(ws: Path, name: str, tag: str) -> dict[str, Path]:
@@ -31,10 +31,6 @@ def train_in_process(ws, name, seed=42, **upd):
 def train_weights(ws, name, seed=42, **upd):
     model, metrics, _, _ = train_in_process(ws, name, seed, **upd)
     return model.get_weights(), metrics
-
-
-def cli_sets(sets: dict) -> list[str]:
-    return [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
 
 
 @pytest.mark.parametrize("name", ["dropout", "bn_after"])

@@ -9,7 +9,7 @@ import pytest
 from components import train, transfer
 from components.experiment import train_experiment
 
-from .conftest import ROOT, run, ws_params
+from .conftest import ROOT, cli_sets, run, ws_params
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_b_on_a_killed_in_the_unfrozen_phase_resumes_and_matches_an_uninterrupte
     (tmp_path / "model_b.json").write_text(json.dumps(transfer._summary("model_b", {42: {"test_accuracy": 0.9, "test_loss": 0.3}})))
     binds = {"model_a_path": tmp_path / "model_a.keras", "model_b_metrics": tmp_path / "model_b.json",
              "models_dir": tmp_path / "b_on_a", "metrics_path": tmp_path / "b_on_a.json", "history_path": tmp_path / "b_on_a.csv"}
-    args = ([sys.executable, "-m", "components", "b_on_a"] + [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
+    args = ([sys.executable, "-m", "components", "b_on_a"] + cli_sets(sets)
             + [a for k, v in binds.items() for a in ("--bind", f"{k}={v}")])
     killed = run(args, cwd=tiny_ws, check=False, PYTHONPATH=str(ROOT), CH11_FAULT_KILL_AFTER_EPOCH="2")
     assert killed.returncode in (-9, 137), killed.stderr[-2000:]
