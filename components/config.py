@@ -366,6 +366,9 @@ class Runtime(Strict):
         0.5, ge=0, le=1, description="...and holding at least this share of the net's Dense weights: the blocks pay "
         "where the layer is most of the step (the 300-100 MLPs), not in the 100-layer nets, whose other thread is "
         "busy with the backward pass anyway")
+    cpu_allocator: Literal["bfc", "default"] = Field(
+        "bfc", description="bfc: TensorFlow's pooling allocator on the CPU (TF_CPU_ALLOCATOR_USE_BFC), which reuses "
+        "buffers: a fresh 940 KB weight gradient from the system allocator took 600 instead of 230 µs to compute")
     deterministic: bool = True
     eval_batch_size: int = Field(1000, gt=0)
     checkpoint_dir: str = Field(".checkpoints", description="resume state of interrupted training (not a DVC output)")

@@ -49,6 +49,8 @@ def configure(runtime: Runtime) -> None:
     if _CONFIGURED:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if runtime.cpu_allocator == "bfc":  # read when TensorFlow makes its CPU allocator, at the first op
+        os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     import tensorflow as tf
 
     try:

@@ -90,11 +90,12 @@ def b_on_a_model(model_a, seed: int):
     """Clone A (new layers, A's weights: training the clone cannot change A) and give it a new head."""
     import keras
 
-    from .models import build_model  # noqa: F401  (registers the custom layers for cloning)
+    from .models import InPlaceDense  # (importing models also registers the custom layers for cloning)
 
     clone = keras.models.clone_model(model_a)
     clone.set_weights(model_a.get_weights())
-    head = keras.layers.Dense(1, activation="sigmoid", kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="output_b")
+    # the head's input gradient reaches A's layers once they are unfrozen: InPlaceDense, as in build_model
+    head = InPlaceDense(1, activation="sigmoid", kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="output_b")
     model = keras.Sequential([keras.Input(model_a.input_shape[1:]), *clone.layers[:-1], head], name="b_on_a")
     return model
 

@@ -20,7 +20,8 @@ def P():
 
 
 def kinds(model) -> list[str]:
-    return [type(l).__name__ for l in model.layers]
+    """Layer classes; InPlaceDense reads as Dense (the same layer, another backward order: its own tests below)."""
+    return [{"InPlaceDense": "Dense"}.get(type(l).__name__, type(l).__name__) for l in model.layers]
 
 
 def test_every_spec_in_params_builds(P):
@@ -153,7 +154,7 @@ def test_sharded_dense_is_dense_in_column_blocks(P, tmp_path):
     plain = build_model(spec, scaler=SCALER, seed=42)
     sharded = build_model(spec, scaler=SCALER, seed=42, shard_min_weights=200_000)
     assert "ShardedDense" not in kinds(plain)
-    assert isinstance(sharded.get_layer("dense_1"), ShardedDense) and type(sharded.get_layer("dense_2")) is keras.layers.Dense
+    assert isinstance(sharded.get_layer("dense_1"), ShardedDense) and not isinstance(sharded.get_layer("dense_2"), ShardedDense)
     assert [tuple(v.shape) for v in sharded.get_layer("dense_1").kernels] == [(784, 150), (784, 150)]
     assert np.array_equal(plain.get_layer("dense_1").kernel.numpy(), sharded.get_layer("dense_1").kernel.numpy()), \
         "the blocks must hold the very initial kernel a Dense layer draws"
@@ -184,3 +185,86 @@ def test_xla_is_off_for_nets_with_sharded_layers(P):
         m = build_model(exp.model, seed=1, shard_min_weights=shard_min)
         train.compile_model(m, exp, P.runtime, 1e-3, "sparse_categorical_crossentropy", 100)
         assert m.jit_compile is jit, (shard_min, m.jit_compile)
+
+
+def test_in_place_dense_where_the_input_gradient_is_needed(P):
+    """Plain Dense for a first layer (nothing trainable below it), InPlaceDense for every Dense after one."""
+    from components.models import InPlaceDense
+
+    def in_place(m):
+        return [isinstance(l, InPlaceDense) for l in m.layers if isinstance(l, keras.layers.Dense)]
+
+    assert in_place(build_model(P.experiments["init_he_normal"].model, seed=1)) == [False, True, True, True]  # base MLP
+    assert in_place(build_model(P.experiments["selu_deep"].model, scaler=SCALER)) == [False] + [True] * 100
+    assert in_place(build_model(P.experiments["bn_after"].model)) == [True, True, True]  # after the input BN
+    sharded = build_model(P.experiments["leaky_relu"].model, seed=1, shard_min_weights=200_000)
+    assert kinds(sharded)[1] == "ShardedDense" and in_place(sharded) == [False, True, True]
+
+
+def _mlp(dense_cls, use_bias: bool) -> keras.Sequential:
+    layers = [keras.Input((20,))]
+    for i, units in enumerate((16, 12)):
+        layers.append((keras.layers.Dense if i == 0 else dense_cls)(
+            units, activation="selu", use_bias=use_bias, kernel_initializer=keras.initializers.LecunNormal(seed=i),
+            bias_initializer=keras.initializers.RandomNormal(seed=10 + i)))
+    layers.append(dense_cls(3, activation="softmax", kernel_initializer=keras.initializers.GlorotUniform(seed=9)))
+    return keras.Sequential(layers)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_in_place_dense_trains_to_the_bits_of_dense(use_bias, tmp_path):
+    """The same ops in another order: the same gradients and, after 40 SGD steps in a compiled loop, the same
+    weights bit for bit as Dense; saved, loaded and cloned as itself."""
+    import tensorflow as tf
+
+    from components.models import InPlaceDense
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    models = [_mlp(cls, use_bias) for cls in (keras.layers.Dense, InPlaceDense)]
+    grads = []
+    for m in models:
+        with tf.GradientTape() as tape:
+            loss = keras.losses.sparse_categorical_crossentropy(y, m(x))
+        grads.append([g.numpy() for g in tape.gradient(loss, m.trainable_variables)])
+    assert len(grads[1]) == len(models[1].trainable_variables) and all(g is not None for g in grads[1])
+    assert all(np.array_equal(a, b) for a, b in zip(*grads)), "InPlaceDense's gradients differ from Dense's"
+    for m in models:
+        m.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy", steps_per_execution=8)
+        m.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0)
+    plain, in_place = (m.get_weights() for m in models)
+    assert not np.array_equal(plain[0], _mlp(keras.layers.Dense, use_bias).get_weights()[0]), "training moved nothing"
+    assert all(np.array_equal(a, b) for a, b in zip(plain, in_place)), "InPlaceDense trained to other weights"
+    models[1].save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert [type(l) for l in loaded.layers] == [type(l) for l in models[1].layers]
+    assert np.array_equal(loaded(x).numpy(), models[1](x).numpy())
+    assert [type(l) for l in to_mc(models[1]).layers] == [type(l) for l in models[1].layers]
+
+
+def test_in_place_dense_computes_the_weight_gradient_after_the_input_gradient():
+    """The point of InPlaceDense: in the traced backward pass each weight-gradient product has the layer's
+    input-gradient product as a control input, so the kernel's update (which needs the weight gradient) runs
+    when nothing holds the kernel any more and writes in place instead of copying it."""
+    import tensorflow as tf
+
+    from components.models import InPlaceDense
+
+    for cls, ordered in ((InPlaceDense, True), (keras.layers.Dense, False)):
+        m = _mlp(cls, True)
+        x = tf.constant(np.ones((4, 20), np.float32))
+
+        @tf.function
+        def grads(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(m(x))
+            return tape.gradient(loss, m.trainable_variables)
+
+        graph = grads.get_concrete_function(x).graph
+        products = [op for op in graph.get_operations() if op.type == "MatMul"]
+        weight_grads = [op for op in products if op.get_attr("transpose_a")]
+        input_grads = {op.name for op in products if op.get_attr("transpose_b")}
+        assert len(weight_grads) == 3 and len(input_grads) == 2  # no input gradient for the first layer
+        after = [any(c.name in input_grads for c in op.control_inputs) for op in weight_grads]
+        assert after.count(True) == (2 if ordered else 0), (cls.__name__, after)
