@@ -46,9 +46,11 @@ class InPlaceDense(keras.layers.Dense):
     """A Dense layer whose backward pass computes the weight gradient only after the input gradient, so that the
     optimizer can update the kernel in place.
 
-    Same function, parameters, initial values and gradients as ``Dense``: the same ops (``x @ W`` with the bias
-    fused; input gradient ``dy @ W.T``, weight gradient ``x.T @ dy``, bias gradient the bias-add's), so the same
-    bits. What changes is one ordering. A variable's update writes into its buffer only while no other tensor
+    Same function, parameters, initial values and gradients as ``Dense``: the same ops (``x @ W``, the bias added
+    by ``keras.ops.add`` as Dense adds it; input gradient ``dy @ W.T``, weight gradient ``x.T @ dy``), so the same
+    bits (tests train both and compare). One exception: a kernel whose gradient has three terms (the product's and
+    l1_l2's two penalties) may have them summed in another order by TensorFlow's graph optimizer, so its bits differ
+    by rounding. What changes is one ordering. A variable's update writes into its buffer only while no other tensor
     holds it, and otherwise copies the whole kernel first; TensorFlow computes a layer's two backward products
     side by side, so when the weight gradient finished first, the update found the kernel still held by the
     input-gradient product and copied it (a third of the 100-layer nets' updates: ~0.5 ms of a 4.5 ms step).
@@ -60,38 +62,28 @@ class InPlaceDense(keras.layers.Dense):
         if (keras.backend.backend() != "tensorflow" or len(inputs.shape) != 2 or self.lora_enabled
                 or getattr(self, "quantization_mode", None)):
             return super().call(inputs, training=training)
-        x = _matmul_in_place(inputs, self.kernel, self.bias)
+        x = _matmul_in_place(inputs, self.kernel)
+        if self.bias is not None:  # as Dense adds it (keras.ops.add: a BiasAdd that TensorFlow fuses into the product)
+            x = keras.ops.add(x, self.bias)
         return self.activation(x) if self.activation is not None else x
 
 
-def _matmul_in_place(x, kernel, bias=None):
-    """``x @ kernel (+ bias)`` with InPlaceDense's gradient (TensorFlow). The variables are read here, outside
-    the custom-gradient functions, which then see tensors (the tape still records the reads)."""
+def _matmul_in_place(x, kernel):
+    """``x @ kernel`` with InPlaceDense's gradient (TensorFlow). The variable is read here, outside the
+    custom-gradient function, which then sees a tensor (the tape still records the read)."""
     import tensorflow as tf
 
-    x = tf.convert_to_tensor(x)
-    kernel = tf.convert_to_tensor(keras.ops.convert_to_tensor(kernel))
-    bias = None if bias is None else tf.convert_to_tensor(keras.ops.convert_to_tensor(bias))
-
-    def backward(x, kernel, dy):
-        dx = tf.linalg.matmul(dy, kernel, transpose_b=True)
-        with tf.control_dependencies([dx]):  # the kernel's update needs dw, so it now comes after dx: in place
-            dw = tf.linalg.matmul(x, dy, transpose_a=True)
-        return dx, dw
-
-    if bias is None:
-        @tf.custom_gradient
-        def product(x, kernel):
-            return tf.linalg.matmul(x, kernel), lambda dy: backward(x, kernel, dy)
-
-        return product(x, kernel)
-
     @tf.custom_gradient
-    def affine(x, kernel, bias):  # MatMul + BiasAdd: TensorFlow fuses them, as in Dense
-        return (tf.nn.bias_add(tf.linalg.matmul(x, kernel), bias),
-                lambda dy: (*backward(x, kernel, dy), tf.raw_ops.BiasAddGrad(out_backprop=dy)))
+    def product(x, kernel):
+        def backward(dy):
+            dx = tf.linalg.matmul(dy, kernel, transpose_b=True)
+            with tf.control_dependencies([dx]):  # the kernel's update needs dw, so it now comes after dx: in place
+                dw = tf.linalg.matmul(x, dy, transpose_a=True)
+            return dx, dw
 
-    return affine(x, kernel, bias)
+        return tf.linalg.matmul(x, kernel), backward
+
+    return product(tf.convert_to_tensor(x), tf.convert_to_tensor(keras.ops.convert_to_tensor(kernel)))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -201,40 +201,43 @@ def test_in_place_dense_where_the_input_gradient_is_needed(P):
     assert kinds(sharded)[1] == "ShardedDense" and in_place(sharded) == [False, True, True]
 
 
-def _mlp(dense_cls, use_bias: bool) -> keras.Sequential:
+def _mlp(dense_cls, use_bias: bool = True, n_out: int = 3) -> keras.Sequential:
     layers = [keras.Input((20,))]
     for i, units in enumerate((16, 12)):
         layers.append((keras.layers.Dense if i == 0 else dense_cls)(
             units, activation="selu", use_bias=use_bias, kernel_initializer=keras.initializers.LecunNormal(seed=i),
             bias_initializer=keras.initializers.RandomNormal(seed=10 + i)))
-    layers.append(dense_cls(3, activation="softmax", kernel_initializer=keras.initializers.GlorotUniform(seed=9)))
+    layers.append(dense_cls(n_out, activation="softmax" if n_out > 1 else "sigmoid",
+                            kernel_initializer=keras.initializers.GlorotUniform(seed=9)))
     return keras.Sequential(layers)
 
 
-@pytest.mark.parametrize("use_bias", [True, False])
-def test_in_place_dense_trains_to_the_bits_of_dense(use_bias, tmp_path):
+@pytest.mark.parametrize("use_bias, n_out", [(True, 3), (False, 3), (True, 1)])
+def test_in_place_dense_trains_to_the_bits_of_dense(use_bias, n_out, tmp_path):
     """The same ops in another order: the same gradients and, after 40 SGD steps in a compiled loop, the same
-    weights bit for bit as Dense; saved, loaded and cloned as itself."""
+    weights bit for bit as Dense (a one-unit layer too, whose bias Keras adds with a broadcast, not a BiasAdd);
+    saved, loaded and cloned as itself."""
     import tensorflow as tf
 
     from components.models import InPlaceDense
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 20)).astype(np.float32)
-    y = rng.integers(0, 3, 64)
-    models = [_mlp(cls, use_bias) for cls in (keras.layers.Dense, InPlaceDense)]
+    y = rng.integers(0, n_out if n_out > 1 else 2, 64)
+    loss_name = "sparse_categorical_crossentropy" if n_out > 1 else "binary_crossentropy"
+    models = [_mlp(cls, use_bias, n_out) for cls in (keras.layers.Dense, InPlaceDense)]
     grads = []
     for m in models:
         with tf.GradientTape() as tape:
-            loss = keras.losses.sparse_categorical_crossentropy(y, m(x))
+            loss = keras.losses.get(loss_name)(y if n_out > 1 else y[:, None].astype(np.float32), m(x))
         grads.append([g.numpy() for g in tape.gradient(loss, m.trainable_variables)])
     assert len(grads[1]) == len(models[1].trainable_variables) and all(g is not None for g in grads[1])
     assert all(np.array_equal(a, b) for a, b in zip(*grads)), "InPlaceDense's gradients differ from Dense's"
     for m in models:
-        m.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy", steps_per_execution=8)
+        m.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss_name, steps_per_execution=8)
         m.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0)
     plain, in_place = (m.get_weights() for m in models)
-    assert not np.array_equal(plain[0], _mlp(keras.layers.Dense, use_bias).get_weights()[0]), "training moved nothing"
+    assert not np.array_equal(plain[0], _mlp(keras.layers.Dense, use_bias, n_out).get_weights()[0]), "training moved nothing"
     assert all(np.array_equal(a, b) for a, b in zip(plain, in_place)), "InPlaceDense trained to other weights"
     models[1].save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
@@ -252,7 +255,7 @@ def test_in_place_dense_computes_the_weight_gradient_after_the_input_gradient():
     from components.models import InPlaceDense
 
     for cls, ordered in ((InPlaceDense, True), (keras.layers.Dense, False)):
-        m = _mlp(cls, True)
+        m = _mlp(cls)
         x = tf.constant(np.ones((4, 20), np.float32))
 
         @tf.function
