@@ -301,6 +301,8 @@ def build_model(
     widths = [n_inputs] + [b.units for b in spec.hidden for _ in range(b.repeat)] + [n_out]
     total_weights = sum(a * b for a, b in zip(widths, widths[1:]))
     i = 0
+    # a Dense after a trainable layer computes its input gradient: there, InPlaceDense updates the kernel in place
+    dense = InPlaceDense if spec.input_batch_norm else keras.layers.Dense
     for block in spec.hidden:
         for _ in range(block.repeat):
             i += 1
@@ -310,8 +312,6 @@ def build_model(
             act_name = {"swish": "silu"}.get(spec.activation.name, spec.activation.name)
             size = widths[i - 1] * block.units
             sharded = shards > 1 and 0 < shard_min_weights <= size and size >= shard_min_share * total_weights
-            # the input gradient is needed after a trainable layer: there, the kernel is updated in place
-            dense = InPlaceDense if (i > 1 or spec.input_batch_norm) else keras.layers.Dense
             layers.append(
                 (partial(ShardedDense, shards=shards) if sharded else dense)(
                     block.units,
@@ -323,6 +323,7 @@ def build_model(
                     name=f"dense_{i}",
                 )
             )
+            dense = InPlaceDense
             if spec.batch_norm == "before":
                 layers.append(keras.layers.BatchNormalization(name=f"bn_{i}"))
             if not fused:
@@ -332,7 +333,7 @@ def build_model(
     if spec.dropout:
         layers.append(dropout(i + 1))
     layers.append(
-        (InPlaceDense if (i > 0 or spec.input_batch_norm) else keras.layers.Dense)(
+        dense(
             n_out,
             activation=out_act,
             kernel_initializer=initializer(spec.output_initializer, None if seed is None else seed + i + 1),

@@ -15,11 +15,16 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 BIN = Path(sys.executable).parent  # the venv's bin: python, dvc, mlflow
 
 
-def repo_env(**extra: str) -> dict[str, str]:
+def repo_env(**extra: str | None) -> dict[str, str]:
+    """This process's environment with the venv first on PATH; ``extra`` sets variables, or unsets them with None."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("PARAMS_FILE", None)
-    env.update(extra)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
@@ -170,7 +175,7 @@ def cli_sets(sets: dict) -> list[str]:
     return [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, check: bool = True, **env: str | None) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=repo_env(**env), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

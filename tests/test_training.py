@@ -213,13 +213,9 @@ def test_sharded_layers_give_the_same_weights_on_one_thread_or_two(tiny_ws):
 def test_runtime_cpu_allocator_picks_tensorflows_cpu_allocator(allocator, pooled):
     """runtime.cpu_allocator: bfc makes TensorFlow use its pooling (BFC) allocator on the CPU, the only one that
     keeps memory statistics; default leaves the system allocator. Set before the first op, as a stage does."""
-    import os
-    import subprocess
-
     code = ("import sys\nfrom components import train\nfrom components.config import Runtime\n"
             f"train.configure(Runtime(cpu_allocator={allocator!r}))\nimport tensorflow as tf\n"
             "x = tf.ones((256, 256)) * 2.0\n"
             "try:\n    tf.config.experimental.get_memory_info('CPU:0')\nexcept ValueError:\n    sys.exit(3)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}  # this process set it
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = run([sys.executable, "-c", code], cwd=ROOT, check=False, TF_CPU_ALLOCATOR_USE_BFC=None)  # set here
     assert proc.returncode == (0 if pooled else 3), proc.stderr[-2000:]
