@@ -106,11 +106,50 @@ def params_hash(path: Path | None = None) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def dvc_repo_lock(root: Path, timeout: float = 120.0) -> Iterator[bool]:
+    """Hold DVC's repository lock (``.dvc/tmp/lock``, a ``zc.lockfile`` flock, as DVC takes it) while reading
+    what DVC writes under it; yields whether it is held.
+
+    DVC rewrites dvc.lock in place (truncate, then write) under this lock when a stage finishes. With stages
+    running at once (``components.repro``), a stage that reads dvc.lock unlocked can see half a file: a
+    YAML error, or worse a hash cut short. DVC releases the lock while a stage's command runs, so the wait
+    is only for another stage's bookkeeping. A repo without ``.dvc/tmp`` (or with ``core.hardlink_lock``,
+    a flufl lock this one does not exclude) yields False and the caller reads unlocked.
+    """
+    path = root / ".dvc" / "tmp" / "lock"
+    config = root / ".dvc" / "config"
+    if not path.parent.is_dir() or (config.is_file() and "hardlink_lock" in config.read_text()):
+        yield False
+        return
+    import zc.lockfile
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            held = zc.lockfile.LockFile(str(path))
+            break
+        except zc.lockfile.LockError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"DVC's repository lock {path} has been held for over {timeout:.0f} s, so "
+                                   "dvc.lock cannot be read safely. If no dvc command is running, a killed one "
+                                   "left it: delete the file and run the stage again.") from None
+            time.sleep(0.05)
+    try:
+        yield True
+    finally:
+        held.close()
+
+
 def lock_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
-    """Every output's DVC content hash (md5) as dvc.lock records it: {path: md5}; empty before a first repro."""
-    if not lock.is_file():
-        return {}
-    stages = (_load_yaml(lock) or {}).get("stages") or {}
+    """Every output's DVC content hash (md5) as dvc.lock records it: {path: md5}; empty before a first repro.
+
+    Read under DVC's repository lock (`dvc_repo_lock`), so a stage finishing beside this one cannot be
+    caught halfway through rewriting the file."""
+    with dvc_repo_lock(lock.resolve().parent):
+        if not lock.is_file():
+            return {}
+        stages = (_load_yaml(lock) or {}).get("stages") or {}
     return {o["path"]: o["md5"] for st in stages.values() for o in st.get("outs", []) if o.get("md5")}
 
 

@@ -9,7 +9,8 @@ import yaml
 
 from .conftest import copy_repo, run
 
-pytestmark = pytest.mark.slow
+# The tests build on one another in one clone (repro, then rerun from scratch, then exp run): one worker, in order.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
 
 TINY = {"max_train_rows": 1200, "valid_size": 200, "max_test_rows": 300}
 

@@ -1,10 +1,13 @@
 """Tracking edge cases that need no pipeline run."""
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 
-from components.tracking import flatten
+import pytest
+
+from components.tracking import dvc_repo_lock, flatten, lock_hashes
 
 from .conftest import ROOT, run
 
@@ -24,3 +27,60 @@ def test_unreachable_server_is_a_clear_error_within_seconds(tiny_ws):
 def test_flatten_names():
     assert flatten({"model": {"hidden": [{"units": 300}], "activation": {"name": "selu"}}}) == {
         "model.hidden.0.units": 300, "model.activation.name": "selu"}
+
+
+# A DVC process rewriting dvc.lock: it takes the repository lock with DVC's own lock class, truncates the file,
+# writes half of it, and finishes the write a second later (DVC's dump_yaml writes in place, not by rename).
+_DVC_WRITER = """
+import sys, time
+from dvc.lock import make_lock
+lock = make_lock(".dvc/tmp/lock", tmp_dir=".dvc/tmp")
+lock.lock()
+text = open("dvc.lock.new").read()
+with open("dvc.lock", "w") as f:
+    f.write(text[: len(text) // 2]); f.flush()
+    print("held", flush=True)
+    time.sleep(float(sys.argv[1]))
+    f.write(text[len(text) // 2:])
+lock.unlock()
+"""
+
+
+def _lock_text(n: int) -> str:
+    lines = ["schema: '2.0'", "stages:"]
+    for i in range(n):
+        lines += [f"  stage{i}:", f"    cmd: python -m components stage{i}", "    outs:",
+                  f"    - path: out/{i}", f"      md5: a{i:031x}", "      size: 10"]
+    return "\n".join(lines) + "\n"
+
+
+def _start_writer(root, seconds: float) -> subprocess.Popen:
+    (root / ".dvc" / "tmp").mkdir(parents=True)
+    (root / "dvc.lock").write_text(_lock_text(3))
+    (root / "dvc.lock.new").write_text(_lock_text(60))
+    proc = subprocess.Popen([sys.executable, "-c", _DVC_WRITER, str(seconds)], cwd=root, text=True,
+                            stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_dvc_lock_is_read_under_dvcs_repository_lock(tmp_path):
+    """A stage reading dvc.lock while another stage's DVC rewrites it (the CI failure: a ScannerError at
+    line 2689) waits for DVC's lock and gets the whole new file."""
+    writer = _start_writer(tmp_path, 1.0)
+    try:
+        hashes = lock_hashes(tmp_path / "dvc.lock")
+    finally:
+        writer.wait(timeout=30)
+    assert hashes == {f"out/{i}": f"a{i:031x}" for i in range(60)}
+
+
+def test_a_dvc_lock_held_too_long_is_a_clear_error(tmp_path):
+    writer = _start_writer(tmp_path, 5.0)
+    try:
+        with pytest.raises(RuntimeError, match=r"repository lock .*lock has been held for over 0 s"):
+            with dvc_repo_lock(tmp_path, timeout=0.3):
+                pass
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
