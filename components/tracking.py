@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import time
 import urllib.error
@@ -119,7 +120,8 @@ def dvc_repo_lock(root: Path, timeout: float = 120.0) -> Iterator[bool]:
     """
     path = root / ".dvc" / "tmp" / "lock"
     config = root / ".dvc" / "config"
-    if not path.parent.is_dir() or (config.is_file() and "hardlink_lock" in config.read_text()):
+    hardlink = config.is_file() and re.search(r"^\s*hardlink_lock\s*=\s*(true|1|yes)\s*$", config.read_text(), re.M | re.I)
+    if not path.parent.is_dir() or hardlink:
         yield False
         return
     import zc.lockfile

@@ -84,3 +84,12 @@ def test_a_dvc_lock_held_too_long_is_a_clear_error(tmp_path):
     finally:
         writer.kill()
         writer.wait(timeout=30)
+
+
+@pytest.mark.parametrize("config, held", [("", True), ("[core]\n    hardlink_lock = false\n", True),
+                                          ("[core]\n    hardlink_lock = true\n", False)])
+def test_dvc_repo_lock_is_taken_unless_dvc_uses_hardlink_locks(tmp_path, config, held):
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    (tmp_path / ".dvc" / "config").write_text(config)
+    with dvc_repo_lock(tmp_path) as got:
+        assert got is held
