@@ -249,7 +249,9 @@ def test_in_place_dense_trains_to_the_bits_of_dense(use_bias, n_out, tmp_path):
 def test_in_place_dense_computes_the_weight_gradient_after_the_input_gradient():
     """The point of InPlaceDense: in the traced backward pass each weight-gradient product has the layer's
     input-gradient product as a control input, so the kernel's update (which needs the weight gradient) runs
-    when nothing holds the kernel any more and writes in place instead of copying it."""
+    when nothing holds the kernel any more and writes in place instead of copying it; and each bias gradient has
+    the weight-gradient product as a control input, so that it never becomes ready beside the next input-gradient
+    product (TensorFlow's executor would then run the cheap bias gradient first and queue the product)."""
     import tensorflow as tf
 
     from components.models import InPlaceDense
@@ -271,3 +273,8 @@ def test_in_place_dense_computes_the_weight_gradient_after_the_input_gradient():
         assert len(weight_grads) == 3 and len(input_grads) == 2  # no input gradient for the first layer
         after = [any(c.name in input_grads for c in op.control_inputs) for op in weight_grads]
         assert after.count(True) == (2 if ordered else 0), (cls.__name__, after)
+        # ...and each bias gradient waits for its layer's weight gradient, off the chain of input gradients
+        bias_grads = [op for op in graph.get_operations() if op.type == "BiasAddGrad"]
+        assert len(bias_grads) == 3
+        behind = [any(c in weight_grads for c in op.control_inputs) for op in bias_grads]
+        assert behind.count(True) == (2 if ordered else 0), (cls.__name__, behind)
