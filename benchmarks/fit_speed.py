@@ -2,7 +2,8 @@
 
 Same model, same data (the real Fashion-MNIST train/valid splits), same batch size, same epochs, same
 optimizer; each way runs in its own fresh process (TensorFlow's thread settings are per process).
-Prints seconds per epoch (median after the first, which includes tracing/compilation) of ``--rounds`` runs
+Prints seconds per epoch (median after the first, which includes tracing/compilation; the pipeline's epoch is
+its whole epoch, checkpoint and gradient-health probe included, the plain one Keras' epoch) of ``--rounds`` runs
 of each way in alternating order (plain, pipeline, pipeline, plain, ...: this box's speed drifts by 20-30 %
 between minutes, which a single pair of runs mistakes for a speed-up or a slow-down), the median of each
 way, their ratio with the per-round ratios, and both validation accuracies.
@@ -42,14 +43,9 @@ def textbook(model):
     ``InPlaceDense`` is one of the pipeline's speed-ups (its kernels are updated in place), not part of a plain fit."""
     import keras
 
-    from components.models import InPlaceDense
+    from components.models import InPlaceDense, swap_layers
 
-    def swap(layer):
-        cls = keras.layers.Dense if isinstance(layer, InPlaceDense) else layer.__class__
-        return cls.from_config(layer.get_config())
-
-    twin = keras.models.clone_model(model, clone_function=swap)
-    twin.set_weights(model.get_weights())
+    twin = swap_layers(model, {InPlaceDense: keras.layers.Dense})
     assert not any(isinstance(layer, InPlaceDense) for layer in twin.layers)
     return twin
 
@@ -68,9 +64,27 @@ def worker(mode: str, name: str, epochs: int, plain_layers: str = "keras") -> di
     scaler = experiment.load_scaler_if(exp, ROOT / "data/scaler.npz")
     n = (len(data.x["train"]), len(data.x["valid"]))
     if mode == "pipeline":
-        model, metrics, history, extras = experiment.train_experiment(name, exp, p, data, scaler)
+        import keras
+
+        secs: list[float] = []
+
+        class Wall(keras.callbacks.Callback):
+            """The whole epoch as the stage runs it, from one epoch's start to the next one's (the last: to the end
+            of training): the training steps, the validation pass and the pipeline's own per-epoch work that the
+            plain fit does not do (the resume checkpoint, the gradient-health probe where params turn it on)."""
+
+            def on_epoch_begin(self, epoch, logs=None):
+                now = time.perf_counter()
+                if hasattr(self, "t"):
+                    secs.append(now - self.t)
+                self.t = now
+
+            def on_train_end(self, logs=None):
+                secs.append(time.perf_counter() - self.t)
+
+        model, metrics, history, extras = experiment.train_experiment(name, exp, p, data, scaler, callbacks=[Wall()])
         extras["checkpoint"].clear()
-        secs = [h["epoch_seconds"] for h in history]
+        assert len(secs) == len(history) == epochs, (secs, len(history))
         return {"seconds": secs, "val_accuracy": history[-1]["val_accuracy"], "gflop": dense_gflop(model, *n)}
     # plain: the textbook model and call — Keras' Dense layers, float inputs in NumPy, model.fit(batch_size=32),
     # default compile settings, TensorFlow's default threads
@@ -118,7 +132,8 @@ def main() -> int:
         return 2
     print(f"{'experiment':<12} {'way':<9} {'s/epoch':>8} {'val_acc':>8} {'GFLOP/s':>8}   (batch size and epochs as in "
           f"params.yaml; {a.epochs} epochs each, {a.rounds} round(s) of each way, alternating; GFLOP/s: the Dense "
-          f"layers' matrix products per second of epoch; plain fit with {a.plain_layers} Dense layers)")
+          f"layers' matrix products per second of epoch; plain fit with {a.plain_layers} Dense layers; the pipeline's "
+          f"whole epoch, checkpoint and gradient-health probe included)")
     for name in a.experiments:
         runs: dict[str, list[dict]] = {"plain": [], "pipeline": []}
         for r in range(a.rounds):  # ABBA order: a slow spell of the machine hits both ways alike
