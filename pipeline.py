@@ -14,9 +14,10 @@ the DVC hash of the data is a pipeline parameter, so new data re-runs everything
 
 Training tasks (``gpu=True`` in the registry: every experiment, model_a, model_b, b_on_a, mc_dropout) run
 on the GPU image and request ``kubeflow.gpu`` (accelerator, count, node selector, tolerations); all tasks
-retry with backoff. MLflow's address and credentials come from the Kubernetes secret
-``kubeflow.mlflow_secret`` (never from params, code or the compiled YAML), and every run joins one MLflow
-parent run per KFP run (tag ``kfp.run_id``). See README, "Kubeflow".
+retry with backoff; with ``kubeflow.checkpoints.pvc`` the training tasks mount that claim for their resume
+state, so a retried task resumes from its last finished epoch. MLflow's address and credentials come from
+the Kubernetes secret ``kubeflow.mlflow_secret`` (never from params, code or the compiled YAML), and every
+run joins one MLflow parent run per KFP run (tag ``kfp.run_id``). See README, "Kubeflow".
 """
 
 import argparse
@@ -36,7 +37,7 @@ from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # run from a checkout; the image installs `components` as a package
 
-from components import registry  # noqa: E402
+from components import kfp_step, registry  # noqa: E402
 from components.config import Params, ParamsError, load_raw, resolve_defaults, validate_params  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ components
@@ -216,6 +217,9 @@ def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | Non
                 kubernetes.add_node_selector(task, label_key=key, label_value=value)
             for t in kf.gpu.tolerations:
                 kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+            if kf.checkpoints.pvc:  # resume state outside the pod: a retried task resumes from its last epoch
+                kubernetes.mount_pvc(task, pvc_name=kf.checkpoints.pvc, mount_path=kf.checkpoints.mount_path)
+                task.set_env_variable(kfp_step.CHECKPOINT_ENV, kf.checkpoints.mount_path)
 
     @dsl.pipeline(name=kf.pipeline_name, description="Géron, Hands-On ML ch. 11: every experiment of 'Training Deep "
                   "Neural Networks' on Fashion-MNIST (same steps as dvc.yaml)")

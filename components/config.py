@@ -433,6 +433,16 @@ class MlflowSecret(Strict):
     optional: bool = Field(False, description="true: tasks start even when the secret is missing (local sqlite in the pod)")
 
 
+class CheckpointVolume(Strict):
+    """Where Kubeflow's training tasks keep their resume state, so that a retried task goes on from its last epoch."""
+
+    pvc: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="an existing PersistentVolumeClaim the training tasks mount (ReadWriteMany when tasks run on "
+                    "several nodes); null = resume state in the pod, lost when a retry starts a new pod")
+    mount_path: str = Field("/checkpoints", pattern=r"^/[^\s]*$", description="where the claim is mounted in the pod")
+
+
 class Kubeflow(Strict):
     """How pipeline.py compiles the steps for a Kubeflow cluster; never what is trained (DVC ignores it)."""
 
@@ -445,6 +455,7 @@ class Kubeflow(Strict):
     gpu: Gpu = Gpu()
     retry: Retry = Retry()
     mlflow_secret: MlflowSecret = MlflowSecret()
+    checkpoints: CheckpointVolume = CheckpointVolume()
 
 
 class Params(Strict):

@@ -14,6 +14,8 @@ What it adds around the step:
   tags (there is no git checkout or dvc.lock inside the container); ``data_version`` keys the cache;
 * **GPU**: a task that requested a GPU and sees none fails at once with a clear message (a dropped GPU
   request is a known cluster failure mode), unless params allow CPU;
+* **resume**: where pipeline.py mounted the checkpoint volume (``kubeflow.checkpoints``), the training state
+  goes there, so a task retried in a new pod resumes from its last finished epoch;
 * **artifacts**: fan-in inputs (a list of artifacts from a ParallelFor) become the directory the step
   expects; each output artifact carries the workspace path it stands for in its metadata, and
   Metrics artifacts get the step's scalar metrics for the KFP UI.
@@ -33,6 +35,7 @@ from . import registry
 log = logging.getLogger("components.kfp")
 
 GPU_ENV = "CH11_REQUIRE_GPU"
+CHECKPOINT_ENV = "CH11_CHECKPOINT_VOLUME"  # set by pipeline.py where it mounts kubeflow.checkpoints.pvc
 
 
 # Readers that go by the file name (Keras loads only ``*.keras``): such a file lives inside its artifact,
@@ -88,6 +91,25 @@ def set_context(step: registry.Step, data_version: str) -> None:
         os.environ.pop(GPU_ENV, None)
 
 
+def checkpoints_on_volume(params_yaml: str) -> str:
+    """The task's params with ``runtime.checkpoint_dir`` on the checkpoint volume, where pipeline.py mounted one.
+
+    The state goes to ``<mount>/<KFP run id>``: when a training task's pod dies (eviction, preemption, OOM kill),
+    KFP retries the task in a new pod of the same run, which finds the state saved after each finished epoch and
+    resumes from there (with the same weights in the end as an uninterrupted run); other runs never share it.
+    Without a volume the params are returned unchanged (the state lives in the pod)."""
+    mount = os.environ.get(CHECKPOINT_ENV)
+    if not mount:
+        return params_yaml
+    import yaml
+
+    raw = yaml.safe_load(params_yaml) or {}
+    where = Path(mount) / (os.environ.get("KFP_RUN_ID") or "no-run-id")
+    raw.setdefault("runtime", {})["checkpoint_dir"] = str(where)
+    log.info("resume state on the checkpoint volume, %s: a retried task resumes from its last finished epoch", where)
+    return yaml.safe_dump(raw, sort_keys=True)
+
+
 def foreach_item(step: registry.Step, params_yaml: str) -> str | None:
     """The entry a foreach task runs: its params slice holds exactly one (see registry.task_params)."""
     if not step.foreach:
@@ -117,6 +139,7 @@ def run_step(step_name: str, params_yaml: str, data_version: str, **artifacts: A
     if set(artifacts) != expected:
         raise TypeError(f"component for {step_name}: artifacts {sorted(artifacts)} != registry's {sorted(expected)}")
     set_context(step, data_version)
+    params_yaml = checkpoints_on_volume(params_yaml)
     workspace = step.bind(item)
     with tempfile.TemporaryDirectory(prefix=f"ch11-{step_name}-") as tmp:
         params_file = Path(tmp) / "params.yaml"

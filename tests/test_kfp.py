@@ -183,6 +183,68 @@ def test_gpu_tasks_request_gpus_and_every_task_has_retries_secrets_and_run_id(co
     assert "data_version" in compiled["spec"]["root"]["inputDefinitions"]["parameters"]
 
 
+def test_the_checkpoint_volume_is_mounted_on_the_training_tasks_only(compiled, tmp_path):
+    # by default no task mounts anything: the resume state lives in the pod
+    assert "pvcMount" not in compiled["text"] and "CH11_CHECKPOINT_VOLUME" not in compiled["text"]
+    out = tmp_path / "p.yaml"
+    assert pipeline.main(["compile", "-o", str(out), "-S", "kubeflow.checkpoints.pvc=ch11-ckpt",
+                          "-S", "kubeflow.checkpoints.mount_path=/ckpt"]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    spec, platform = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, task in _tasks(spec).items():
+        step = registry.get(name.replace("-", "_"))
+        mounts = platform[task["executor"]].get("pvcMount", [])
+        env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][task["executor"]]["container"].get("env", [])}
+        if step.gpu:  # every training task: the claim at the mount path, and the step told where it is
+            assert [(m["constant"], m["mountPath"]) for m in mounts] == [("ch11-ckpt", "/ckpt")], name
+            assert env["CH11_CHECKPOINT_VOLUME"] == "/ckpt", name
+        else:
+            assert mounts == [] and "CH11_CHECKPOINT_VOLUME" not in env, name
+    code = pipeline.main(["compile", "-o", str(tmp_path / "bad.yaml"), "-S", "kubeflow.checkpoints.mount_path=ckpt"])
+    assert code == 2 and not (tmp_path / "bad.yaml").exists()
+
+
+def test_a_retried_training_task_resumes_from_the_checkpoint_volume(tiny_ws, tmp_path, monkeypatch):
+    """A Kubeflow training task whose pod dies after epoch 2: KFP's retry (a new process, same run id) resumes
+    from the state on the volume and ends with the weights of an uninterrupted run."""
+    import keras
+    import numpy as np
+
+    from components import kfp_step, models  # noqa: F401  (models: the custom layers for load_model)
+
+    from .test_training import train_in_process
+
+    name, epochs = "dropout", 4
+    raw = resolve_defaults(load_raw(tiny_ws / "params.yaml"))
+    raw["experiments"][name]["train"]["epochs"] = epochs
+    params_file = tmp_path / "task-params.yaml"
+    params_file.write_text(yaml.safe_dump(registry.task_params(raw, registry.get("experiment"), name)))
+    monkeypatch.delenv(kfp_step.CHECKPOINT_ENV, raising=False)  # no volume: the params stay as they are
+    assert kfp_step.checkpoints_on_volume(params_file.read_text()) == params_file.read_text()
+    out, volume = tmp_path / "artifacts", tmp_path / "volume"
+    task = f"""
+import sys, types
+from pathlib import Path
+from components import kfp_step
+art = lambda p: types.SimpleNamespace(path=str(p), metadata={{}})
+ws, out = Path({str(tiny_ws)!r}), Path({str(out)!r})
+kfp_step.run_step("experiment", Path({str(params_file)!r}).read_text(), "v1",
+                  splits_dir=art(ws / "data/splits"), scaler_path=art(ws / "data/scaler.npz"),
+                  model_path=art(out / "model"), artifacts_dir=art(out / "reports"), metrics_path=art(out / "metrics.json"),
+                  history_path=art(out / "history.csv"), diagnostics_path=art(out / "diagnostics.csv"))
+"""
+    env = {"PYTHONPATH": str(ROOT), kfp_step.CHECKPOINT_ENV: str(volume), "KFP_RUN_ID": "run-1"}
+    killed = run([sys.executable, "-c", task], cwd=tiny_ws, check=False, CH11_FAULT_KILL_AFTER_EPOCH="2", **env)
+    assert killed.returncode in (-9, 137), killed.stderr[-2000:]
+    assert list((volume / "run-1").glob(f"{name}-*/state.json")), "the state was not saved on the volume"
+    retried = run([sys.executable, "-c", task], cwd=tiny_ws, **env)
+    assert f"resuming after epoch 2/{epochs}" in retried.stderr, retried.stderr[-2000:]
+    assert not list((volume / "run-1").glob(f"{name}-*")), "resume state should be cleared after success"
+    got = keras.models.load_model(out / "model" / f"{name}.keras").get_weights()
+    model, _, _, _ = train_in_process(tiny_ws, name, **{f"experiments.{name}.train.epochs": epochs})
+    assert all(np.array_equal(a, b) for a, b in zip(got, model.get_weights())), "resumed task differs from an uninterrupted run"
+
+
 def test_compile_takes_overrides_and_names_a_bad_key(tmp_path, capsys):
     out = tmp_path / "p.yaml"
     assert pipeline.main(["compile", "-o", str(out), "-S", "kubeflow.gpu.count=2", "-S", "kubeflow.image=reg/x:1"]) == 0
