@@ -212,7 +212,7 @@ def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | Non
         task.set_cpu_request(res.cpu).set_memory_request(res.memory)
         if step.gpu:
             task.set_accelerator_type(kf.gpu.accelerator).set_accelerator_limit(kf.gpu.count)
-            task.set_env_variable("CH11_REQUIRE_GPU", "1" if kf.gpu.required else "0")
+            task.set_env_variable(kfp_step.GPU_ENV, "1" if kf.gpu.required else "0")
             for key, value in kf.gpu.node_selector.items():
                 kubernetes.add_node_selector(task, label_key=key, label_value=value)
             for t in kf.gpu.tolerations:
