@@ -205,7 +205,7 @@ def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | Non
         r = kf.retry
         task.set_retry(r.num_retries, backoff_duration=f"{r.backoff_seconds}s", backoff_factor=r.backoff_factor,
                        backoff_max_duration=f"{r.backoff_max_seconds}s")
-        kubernetes.use_field_path_as_env(task, env_name="KFP_RUN_ID", field_path="metadata.labels['pipeline/runid']")
+        kubernetes.use_field_path_as_env(task, env_name=kfp_step.RUN_ID_ENV, field_path="metadata.labels['pipeline/runid']")
         s = kf.mlflow_secret
         kubernetes.use_secret_as_env(task, secret_name=s.name, secret_key_to_env=s.keys, optional=s.optional)
         res = kf.gpu.resources if step.gpu else kf.cpu_resources

@@ -35,6 +35,7 @@ from . import registry
 log = logging.getLogger("components.kfp")
 
 GPU_ENV = "CH11_REQUIRE_GPU"
+RUN_ID_ENV = "KFP_RUN_ID"  # from the pod's pipeline/runid label (pipeline.py)
 CHECKPOINT_ENV = "CH11_CHECKPOINT_VOLUME"  # set by pipeline.py where it mounts kubeflow.checkpoints.pvc
 
 
@@ -83,7 +84,7 @@ def set_context(step: registry.Step, data_version: str) -> None:
     ``pipeline/runid`` label, ``CH11_GIT_COMMIT``/``CH11_GIT_DIRTY`` and ``CH11_DVC_HASHES`` recorded at
     compile time, and ``CH11_REQUIRE_GPU`` on GPU tasks (checked by ``train.configure``).
     """
-    run_id = os.environ.get("KFP_RUN_ID", "")
+    run_id = os.environ.get(RUN_ID_ENV, "")
     if run_id:
         os.environ.setdefault("CH11_PIPELINE_RUN", f"kfp-{run_id}")
     os.environ["CH11_DATA_VERSION"] = data_version
@@ -104,7 +105,7 @@ def checkpoints_on_volume(params_yaml: str) -> str:
     import yaml
 
     raw = yaml.safe_load(params_yaml) or {}
-    where = Path(mount) / (os.environ.get("KFP_RUN_ID") or "no-run-id")
+    where = Path(mount) / (os.environ.get(RUN_ID_ENV) or "no-run-id")
     raw.setdefault("runtime", {})["checkpoint_dir"] = str(where)
     log.info("resume state on the checkpoint volume, %s: a retried task resumes from its last finished epoch", where)
     return yaml.safe_dump(raw, sort_keys=True)
