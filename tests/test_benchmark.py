@@ -13,11 +13,16 @@ from components.models import InPlaceDense, build_model
 from .conftest import ROOT
 
 
-def _fit_speed():
-    spec = importlib.util.spec_from_file_location("fit_speed", ROOT / "benchmarks/fit_speed.py")
+def _benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _fit_speed():
+    return _benchmark("fit_speed")
 
 
 def test_plain_model_is_the_builders_model_with_keras_dense_layers():
@@ -37,10 +42,7 @@ def test_plain_model_is_the_builders_model_with_keras_dense_layers():
 
 
 def _critical_path():
-    spec = importlib.util.spec_from_file_location("critical_path", ROOT / "benchmarks/critical_path.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("critical_path")
 
 
 def _deep_spec(p, units=(30, 20), repeat=4):
