@@ -188,6 +188,24 @@ def test_fit_traces_the_training_step_once(tiny_ws):
     assert len(traces) == 1
 
 
+@pytest.mark.parametrize("n, first_epoch, epochs", [(70, 0, 2), (64, 1, 3), (10, 0, 2), (200, 2, 4)])
+def test_batches_are_the_epochs_order_in_slices_of_batch_size(n, first_epoch, epochs):
+    """Each epoch's batches are its (seed, epoch) row order cut into batches, the remainder last, the images still
+    uint8 (the model converts them); a resumed fit (first_epoch > 0) gets the same batches as an uninterrupted one."""
+    x = (np.arange(n * 6) * 7 % 251).astype(np.uint8).reshape(n, 6)
+    y = np.arange(n, dtype=np.int32)
+    got = [(bx.numpy(), by.numpy()) for bx, by in train.train_dataset(x, y, 32, 7, first_epoch, epochs)]
+    want = []
+    for e in range(first_epoch, epochs):
+        order = train.epoch_permutation(7, e, n)
+        want += [(x[order[i:i + 32]], y[order[i:i + 32]]) for i in range(0, n, 32)]
+    assert len(got) == len(want) == (epochs - first_epoch) * -(-n // 32)
+    for (gx, gy), (wx, wy) in zip(got, want):
+        assert gx.dtype == np.uint8
+        np.testing.assert_array_equal(gx, wx)
+        np.testing.assert_array_equal(gy, wy)
+
+
 def test_batches_are_made_inline_without_tf_datas_autotuner():
     """tf.data's autotuner (on by default) injects a prefetch thread and a tuning thread; on two cores that
     stretched the 100-layer net's step from ~4 to 6.36 ms. Both datasets turn it off and give the same batches."""
