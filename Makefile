@@ -43,7 +43,7 @@ browser:
 	else echo "==> chromium missing and not root: the browser test will be skipped (sudo apt-get install chromium)"; fi
 
 repro: setup dataset
-	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} python -m components.worker run -- python -m components.repro
+	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} python tools/warm.py run -- python -m components.repro
 	@echo "==> done. Report: $(CURDIR)/reports/report.md (figures in reports/figures/);"
 	@echo "    metrics: dvc metrics show; runs: make mlflow-ui, then http://127.0.0.1:5000"
 
@@ -70,5 +70,5 @@ dvc-yaml:
 cifar10: setup
 	cd cifar10 && CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-cifar10-$$(date -u +%Y%m%dT%H%M%SZ)} \
 	  MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
-	  PYTHONPATH=$(CURDIR) python -m components.worker run -- dvc repro
+	  PYTHONPATH=$(CURDIR) python $(CURDIR)/tools/warm.py run -- dvc repro
 	@echo "==> done. Summary: $(CURDIR)/cifar10/reports/summary.md (metrics: cd cifar10 && dvc metrics show)"

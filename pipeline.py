@@ -21,7 +21,6 @@ run joins one MLflow parent run per KFP run (tag ``kfp.run_id``). See README, "K
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -41,90 +40,92 @@ from components import kfp_step, registry  # noqa: E402
 from components.config import Params, ParamsError, load_raw, resolve_defaults, validate_params  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ components
-# One per registry step; argument names are the step's run() arguments (tests/test_kfp.py checks them).
-# A body runs in the task's container: it imports the project package there, installs nothing.
+# One per registry step; argument names are the step's run() arguments (tests/test_kfp.py checks them), written
+# once here; each body hands them on as they are. A body runs in the task's container: it imports the project
+# package there, installs nothing.
 
 
 def download(params: str, data_version: str, out_dir: Output[Dataset]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
-    run_step("download", params, data_version, out_dir=out_dir)
+    run_step("download", **artifacts)
 
 
 def split(params: str, data_version: str, raw_dir: Input[Dataset], out_dir: Output[Dataset],
           card_md: Output[Markdown], card_json: Output[Metrics]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
-    run_step("split", params, data_version, raw_dir=raw_dir, out_dir=out_dir, card_md=card_md, card_json=card_json)
+    run_step("split", **artifacts)
 
 
 def standardize(params: str, data_version: str, splits_dir: Input[Dataset], scaler_path: Output[Artifact],
                 metrics_path: Output[Metrics]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
-    run_step("standardize", params, data_version, splits_dir=splits_dir, scaler_path=scaler_path, metrics_path=metrics_path)
+    run_step("standardize", **artifacts)
 
 
 def experiment(params: str, data_version: str, splits_dir: Input[Dataset], scaler_path: Input[Artifact],
                model_path: Output[Model], artifacts_dir: Output[Artifact], metrics_path: Output[Metrics],
                history_path: Output[Dataset], diagnostics_path: Output[Dataset]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step  # which experiment: the one entry of `experiments` in params
 
-    run_step("experiment", params, data_version, splits_dir=splits_dir, scaler_path=scaler_path,
-             model_path=model_path, artifacts_dir=artifacts_dir, metrics_path=metrics_path, history_path=history_path,
-             diagnostics_path=diagnostics_path)
+    run_step("experiment", **artifacts)
 
 
 def model_a(params: str, data_version: str, splits_dir: Input[Dataset], model_path: Output[Model],
             metrics_path: Output[Metrics], history_path: Output[Dataset]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
-    run_step("model_a", params, data_version, splits_dir=splits_dir, model_path=model_path,
-             metrics_path=metrics_path, history_path=history_path)
+    run_step("model_a", **artifacts)
 
 
 def model_b(params: str, data_version: str, splits_dir: Input[Dataset], models_dir: Output[Model],
             metrics_path: Output[Metrics], history_path: Output[Dataset]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
-    run_step("model_b", params, data_version, splits_dir=splits_dir, models_dir=models_dir,
-             metrics_path=metrics_path, history_path=history_path)
+    run_step("model_b", **artifacts)
 
 
 def b_on_a(params: str, data_version: str, splits_dir: Input[Dataset], model_a_path: Input[Model],
            model_b_metrics: Input[Metrics], models_dir: Output[Model], metrics_path: Output[Metrics],
            history_path: Output[Dataset]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
-    run_step("b_on_a", params, data_version, splits_dir=splits_dir, model_a_path=model_a_path,
-             model_b_metrics=model_b_metrics, models_dir=models_dir, metrics_path=metrics_path, history_path=history_path)
+    run_step("b_on_a", **artifacts)
 
 
 def mc_dropout(params: str, data_version: str, splits_dir: Input[Dataset], models_dir: Input[List[Model]],
                artifacts_dir: Output[Artifact], metrics_path: Output[Metrics]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
-    run_step("mc_dropout", params, data_version, splits_dir=splits_dir, models_dir=models_dir,
-             artifacts_dir=artifacts_dir, metrics_path=metrics_path)
+    run_step("mc_dropout", **artifacts)
 
 
 def selu_simulation(params: str, data_version: str, figure_path: Output[Artifact], metrics_path: Output[Metrics],
                     csv_path: Output[Dataset]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
-    run_step("selu_simulation", params, data_version, figure_path=figure_path, metrics_path=metrics_path, csv_path=csv_path)
+    run_step("selu_simulation", **artifacts)
 
 
 def report(params: str, data_version: str, experiments_dir: Input[List[Metrics]], model_a_metrics: Input[Metrics],
            model_b_metrics: Input[Metrics], b_on_a_metrics: Input[Metrics], mc_json: Input[Metrics],
            histories_dir: Input[List[Dataset]], card_json: Input[Metrics], selu_simulation_json: Input[Metrics],
            figures_dir: Output[Artifact], report_md: Output[Markdown], report_json: Output[Metrics]):
+    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
-    run_step("report", params, data_version, experiments_dir=experiments_dir, model_a_metrics=model_a_metrics,
-             model_b_metrics=model_b_metrics, b_on_a_metrics=b_on_a_metrics, mc_json=mc_json, histories_dir=histories_dir,
-             card_json=card_json, selu_simulation_json=selu_simulation_json, figures_dir=figures_dir, report_md=report_md,
-             report_json=report_json)
+    run_step("report", **artifacts)
 
 
 FUNCTIONS: dict[str, Callable] = {f.__name__: f for f in (
@@ -267,10 +268,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_run_local(args: argparse.Namespace) -> int:
-    """The whole pipeline in local subprocesses (kfp.local), with a warm stage server for TensorFlow."""
+    """The whole pipeline in local subprocesses (kfp.local): each task runs its component body as a pod would."""
     from kfp import local
-
-    from components import worker
 
     raw = _params(args)
     raw.setdefault("kubeflow", {}).setdefault("gpu", {})["required"] = False  # kfp.local ignores GPU requests
@@ -279,9 +278,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     root = Path(args.pipeline_root).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     print(f"[run-local] pipeline run {os.environ['CH11_PIPELINE_RUN']}; artifacts under {root}", file=sys.stderr)
-    server = contextlib.nullcontext() if args.no_worker else worker.serving(f"/tmp/ch11-kfp-worker-{os.getpid()}.sock")
-    with server:
-        pipeline_func()
+    pipeline_func()
     print(f"[run-local] done: artifacts under {root}; MLflow parent run tag ch11.pipeline_run = "
           f"{os.environ['CH11_PIPELINE_RUN']}", file=sys.stderr)
     return 0
@@ -347,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local (subprocesses, CPU)")
     common(r)
     r.add_argument("--pipeline-root", default="local_outputs", help="where kfp.local keeps the artifacts")
-    r.add_argument("--no-worker", action="store_true", help="import TensorFlow in every task (slower; no warm server)")
     r.set_defaults(func=cmd_run_local)
     s = sub.add_parser("submit", help="compile, then start a run on a Kubeflow Pipelines cluster (kfp.Client)")
     common(s)

@@ -29,16 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dense_chain(model) -> tuple[list, list]:
-    """The model as (input layers, Dense layers): a Sequential of ``Pixels`` and Dense layers whose activation
+    """The model as (input layers, Dense layers): a Sequential of input scaling and Dense layers whose activation
     is part of the layer (the builder's deep nets). Anything else (batch norm, dropout, a separate activation
     layer) has a critical path this script does not model: a ``ValueError`` names the first such layer."""
     import keras
 
-    from components.models import Pixels
-
     pre, dense = [], []
     for layer in model.layers:
-        if isinstance(layer, Pixels) and not dense:
+        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)) and not dense:
             pre.append(layer)
         elif isinstance(layer, keras.layers.Dense) and layer.bias is not None:
             dense.append(layer)

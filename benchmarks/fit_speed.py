@@ -6,9 +6,8 @@ Prints seconds per epoch (median after the first, which includes tracing/compila
 its whole epoch, checkpoint and gradient-health probe included, the plain one Keras' epoch) of ``--rounds`` runs
 of each way in alternating order (plain, pipeline, pipeline, plain, ...: this box's speed drifts by 20-30 %
 between minutes, which a single pair of runs mistakes for a speed-up or a slow-down), the median of each
-way, their ratio with the per-round ratios, and both validation accuracies. Before and after, it prints how fast
-the machine is at that moment (one thread's 32x100 by 100x100 product, in microseconds), so that a run made on
-a slow spell reads as one.
+way, their ratio with the per-round ratios, and both validation accuracies. Both ways build the same plain
+Keras model (``components.models.build_model``); only the training path differs.
 
     python benchmarks/fit_speed.py                       # both models, after `dvc repro standardize`
     python benchmarks/fit_speed.py --experiments leaky_relu --epochs 3
@@ -40,19 +39,7 @@ def dense_gflop(model, n_train: int, n_valid: int) -> float:
     return 2 * ((fwd + bwd) * n_train + fwd * n_valid) / 1e9
 
 
-def textbook(model):
-    """The same model (same function, same initial weights) with Keras' own ``Dense`` layers: the builder's
-    ``InPlaceDense`` is one of the pipeline's speed-ups (its kernels are updated in place), not part of a plain fit."""
-    import keras
-
-    from components.models import InPlaceDense, swap_layers
-
-    twin = swap_layers(model, {InPlaceDense: keras.layers.Dense})
-    assert not any(isinstance(layer, InPlaceDense) for layer in twin.layers)
-    return twin
-
-
-def worker(mode: str, name: str, epochs: int, plain_layers: str = "keras") -> dict:
+def worker(mode: str, name: str, epochs: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
@@ -88,14 +75,12 @@ def worker(mode: str, name: str, epochs: int, plain_layers: str = "keras") -> di
         extras["checkpoint"].clear()
         assert len(secs) == len(history) == epochs, (secs, len(history))
         return {"seconds": secs, "val_accuracy": history[-1]["val_accuracy"], "gflop": dense_gflop(model, *n)}
-    # plain: the textbook model and call — Keras' Dense layers, float inputs in NumPy, model.fit(batch_size=32),
-    # default compile settings, TensorFlow's default threads
+    # plain: the textbook call — float inputs in NumPy, model.fit(batch_size=32), default compile settings,
+    # TensorFlow's default threads
     import keras
 
     keras.utils.set_random_seed(p.seed)
     model = build_model(exp.model, exp.task, scaler=scaler, seed=p.seed)
-    if plain_layers == "keras":
-        model = textbook(model)
     model.compile(loss=output_for(exp.task)[2], optimizer=build_optimizer(exp.optimizer, exp.optimizer.learning_rate), metrics=["accuracy"])
     secs: list[float] = []
 
@@ -111,42 +96,6 @@ def worker(mode: str, name: str, epochs: int, plain_layers: str = "keras") -> di
     return {"seconds": secs, "val_accuracy": float(h.history["val_accuracy"][-1]), "gflop": dense_gflop(model, *n)}
 
 
-def probe() -> dict:
-    """How fast this machine is right now: one thread's time for a 32x100 by 100x100 product (the 100-layer net's
-    product), in a chain of 100 inside one traced function. This 2-core box drifts between ~10-13 us (a normal
-    day) and 14-50 us (a slow spell), and a slow spell slows the pipeline's arithmetic-bound epoch more than the
-    plain fit's overhead-bound one, so a run's ratios are read together with this number."""
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.random((32, 100), np.float32))
-    w = tf.constant(rng.random((100, 100), np.float32) / 100)
-
-    @tf.function
-    def chain(a):
-        for _ in range(100):
-            a = tf.matmul(a, w)
-        return a
-
-    chain(x).numpy()
-    us = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(50):
-            chain(x).numpy()
-        us.append((time.perf_counter() - t) / 50 / 100 * 1e6)
-    return {"us": sorted(us)}
-
-
-def box_speed() -> str:
-    out = subprocess.run([sys.executable, __file__, "--probe"], capture_output=True, text=True)
-    if out.returncode:  # a side measurement: say why it is missing, and let the benchmark go on
-        return f"? (the probe failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]})"
-    us = json.loads(out.stdout.strip().splitlines()[-1])["us"]
-    return f"{us[len(us) // 2]:.1f} us (fastest {us[0]:.1f})"
-
-
 def median_steady(secs: list[float]) -> float:
     s = sorted(secs[1:] or secs)
     return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
@@ -157,32 +106,23 @@ def main() -> int:
     ap.add_argument("--experiments", nargs="+", default=["leaky_relu", "selu_deep"])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2, help="runs of each way (alternating order); medians are reported")
-    ap.add_argument("--plain-layers", choices=["keras", "pipeline"], default="keras",
-                    help="the plain fit's Dense layers: Keras' own (default, as the book builds the model) or the "
-                         "builder's InPlaceDense (the baseline of the earlier runs in the README; ~10 %% faster plain fits of the 100-layer net)")
-    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.probe:
-        print(json.dumps(probe()))
-        return 0
     if a.worker:
-        print(json.dumps(worker(a.worker[0], a.worker[1], int(a.worker[2]), a.worker[3])))
+        print(json.dumps(worker(a.worker[0], a.worker[1], int(a.worker[2]))))
         return 0
     if not (ROOT / "data/splits/full_train.parquet").is_file():
         print("run `dvc repro standardize` first (the benchmark uses the real splits)", file=sys.stderr)
         return 2
     print(f"{'experiment':<12} {'way':<9} {'s/epoch':>8} {'val_acc':>8} {'GFLOP/s':>8}   (batch size and epochs as in "
           f"params.yaml; {a.epochs} epochs each, {a.rounds} round(s) of each way, alternating; GFLOP/s: the Dense "
-          f"layers' matrix products per second of epoch; plain fit with {a.plain_layers} Dense layers; the pipeline's "
-          f"whole epoch, checkpoint and gradient-health probe included)")
-    speed = "box speed {1}: a 32x100 by 100x100 product took {0} (~10-13 us on a normal day of the 2-core dev box)"
-    print(speed.format(box_speed(), "before"), flush=True)
+          f"layers' matrix products per second of epoch; the pipeline's whole epoch, checkpoint and gradient-health "
+          f"probe included)", flush=True)
     for name in a.experiments:
         runs: dict[str, list[dict]] = {"plain": [], "pipeline": []}
-        for r in range(a.rounds):  # ABBA order: a slow spell of the machine hits both ways alike
+        for r in range(a.rounds):  # ABBA order: a drift of the machine's speed hits both ways alike
             for mode in (("plain", "pipeline") if r % 2 == 0 else ("pipeline", "plain")):
-                out = subprocess.run([sys.executable, __file__, "--worker", mode, name, str(a.epochs), a.plain_layers], capture_output=True,
+                out = subprocess.run([sys.executable, __file__, "--worker", mode, name, str(a.epochs)], capture_output=True,
                                      text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
                 if out.returncode:
                     print(out.stderr[-3000:], file=sys.stderr)
@@ -197,7 +137,6 @@ def main() -> int:
         print(f"{name:<12} speed-up  {med['plain'] / med['pipeline']:7.2f}x   (per round: "
               f"{', '.join(f'{x:.2f}x' for x in ratios)}; {runs['pipeline'][-1]['gflop']:.0f} GFLOP of matrix products "
               f"per epoch)", flush=True)
-    print(speed.format(box_speed(), "after"))
     return 0
 
 

@@ -2,20 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
-from . import config, registry, worker
+from . import config, registry
 from .config import ParamsError, load_params
 from .io import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    remote = worker.try_remote(argv)  # a warm server (python -m components.worker run -- dvc repro)
-    if remote is not None:
-        return remote
     parser = argparse.ArgumentParser(prog="python -m components", description=__doc__)
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
     for s in (s for pipeline in registry.PIPELINES.values() for s in pipeline.steps):
@@ -26,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param for this run only, e.g. -S data.valid_size=100")
         p.add_argument("--bind", action="append", default=[], metavar="ARG=PATH",
-                       help=f"read/write this path instead of the DVC workspace's ({', '.join(s.paths)}); "
-                            "the Kubeflow components bind their artifacts this way")
+                       help=f"read/write this path instead of the DVC workspace's ({', '.join(s.paths)})")
     sub.add_parser("render-dvc", help="print dvc.yaml as rendered from the step registry").add_argument(
         "pipeline", nargs="?", default="main", choices=list(registry.PIPELINES),
         help="main: dvc.yaml (the chapter); cifar10: cifar10/dvc.yaml (exercise 8)")
@@ -51,25 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         log.info("params are valid")
         return 0
     step = registry.get(args.step)
-    module = importlib.import_module(f"components.{step.module}")
     item = getattr(args, "name", None)
     if step.foreach:
         entries = registry.foreach_entries(params, step.foreach)
         if item not in entries:
             log.error("no %r in %s of params.yaml; choose one of: %s", item, step.foreach, ", ".join(entries))
             return 2
-    kwargs: dict = {k: Path(v) for k, v in step.bind(item).items()}
+    paths: dict = {k: Path(v) for k, v in step.bind(item).items()}
     for b in args.bind:
         key, _, path = b.partition("=")
-        if key not in kwargs or not path:
-            log.error("--bind %r: expected ARG=PATH with ARG one of %s", b, ", ".join(kwargs))
+        if key not in paths or not path:
+            log.error("--bind %r: expected ARG=PATH with ARG one of %s", b, ", ".join(paths))
             return 2
-        kwargs[key] = Path(path)
-    kwargs["params"] = params
-    if step.foreach:
-        kwargs["name"] = item
+        paths[key] = Path(path)
     try:
-        getattr(module, step.entry)(**kwargs)
+        registry.call(step, params, item, paths)
     except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to resume")
         return 130

@@ -297,7 +297,7 @@ class BOnA(Strict):
     """Fine-tune a clone of model A on task B: frozen reused layers, then unfrozen and re-compiled."""
 
     frozen_epochs: int = Field(4, gt=0)
-    frozen_learning_rate: float = Field(1e-3, gt=0)
+    frozen_learning_rate: float = Field(0.01, gt=0, description="seed 001: optimizer='SGD', Keras' default 0.01")
     unfrozen_epochs: int = Field(16, gt=0)
     unfrozen_learning_rate: float = Field(1e-4, gt=0)
 
@@ -345,33 +345,48 @@ class MCDropout(Strict):
         return v
 
 
-class Runtime(Strict):
-    """How fast, not what: none of these change the hyper-parameters (batch size, epochs)."""
+class Tuning(Strict):
+    """How fast, not what: none of these change the hyper-parameters (batch size, epochs) or reach a saved model."""
 
     steps_per_execution: int = Field(1000, gt=0, description="train steps fused into one graph call")
     jit_compile: Literal["auto", "on", "off"] = Field("auto", description="XLA; auto = on for nets of <= jit_max_depth layers")
     jit_max_depth: int = Field(10, gt=0)
+    intra_op_threads: int = Field(0, ge=0, description="0 = TensorFlow's default")
+    inter_op_threads: int = Field(0, ge=0, description="0 = TensorFlow's default")
+    mixed_precision: bool = Field(False, description="mixed_float16 on a GPU (ignored on a CPU)")
 
     @field_validator("jit_compile", mode="before")
     @classmethod
     def _yaml_bool(cls, v: Any) -> Any:
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
-    intra_op_threads: int = Field(1, ge=0, description="0 = TensorFlow's default")
-    inter_op_threads: int = Field(2, ge=0)
-    shard_min_weights: int = Field(
-        200_000, ge=0, description="hidden Dense kernels of at least this many weights are held as `shards` column "
-        "blocks whose products run on the inter-op threads at once (same function and initial weights; 0 = never)")
-    shards: int = Field(2, ge=1, description="column blocks of a sharded Dense kernel")
-    shard_min_share: float = Field(
-        0.5, ge=0, le=1, description="...and holding at least this share of the net's Dense weights: the blocks pay "
-        "where the layer is most of the step (the 300-100 MLPs), not in the 100-layer nets, whose other thread is "
-        "busy with the backward pass anyway")
-    cpu_allocator: Literal["bfc", "default"] = Field(
-        "bfc", description="bfc: TensorFlow's pooling allocator on the CPU (TF_CPU_ALLOCATOR_USE_BFC), which reuses "
-        "buffers: a fresh 940 KB weight gradient from the system allocator took 600 instead of 230 µs to compute")
+
+
+PROFILE_ENV = "CH11_RUNTIME_PROFILE"
+
+
+def where_running() -> Literal["local", "cluster"]:
+    """The runtime profile for this process: ``cluster`` inside a Kubernetes pod (Kubeflow), else ``local``;
+    ``$CH11_RUNTIME_PROFILE`` overrides it."""
+    chosen = os.environ.get(PROFILE_ENV) or ("cluster" if os.environ.get("KUBERNETES_SERVICE_HOST") else "local")
+    if chosen not in ("local", "cluster"):
+        raise ParamsError(f"${PROFILE_ENV}={chosen!r}: expected 'local' or 'cluster'")
+    return chosen  # type: ignore[return-value]
+
+
+class Runtime(Strict):
+    """How the steps run, never what they compute. ``local`` tunes a small CPU box (the one `make repro` runs on);
+    ``cluster`` is TensorFlow's defaults, for Kubeflow's CPU and GPU pods. The profile is picked by where the step
+    runs (``where_running``), not in params."""
+
+    local: Tuning = Tuning(intra_op_threads=1, inter_op_threads=2)
+    cluster: Tuning = Tuning(jit_compile="off")
     deterministic: bool = True
     eval_batch_size: int = Field(1000, gt=0)
     checkpoint_dir: str = Field(".checkpoints", description="resume state of interrupted training (not a DVC output)")
+
+    @property
+    def tuning(self) -> Tuning:
+        return getattr(self, where_running())
 
 
 class Registry(Strict):

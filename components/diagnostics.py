@@ -110,8 +110,7 @@ class Probe:
         self.x = tf.constant(x)
         self.y = tf.constant(y)
         self.loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
-        # a ShardedDense holds its kernel as column blocks: the layer's gradient norm is over all of them
-        self.kernels = [list(getattr(layer, "kernels", None) or [layer.kernel]) for layer in dense_layers(model)]
+        self.kernels = [[layer.kernel] for layer in dense_layers(model)]
         self.names = layer_names(model)
         outs = [layer.output for layer in hidden_outputs(model)]
         self.view = keras.Model(model.inputs, [*outs, model.outputs[0]])

@@ -45,8 +45,7 @@ def train_experiment(
 
     def build():
         train.seed_everything(seed)
-        return build_model(exp.model, exp.task, scaler=scaler, n_inputs=data.x["train"].shape[1], seed=seed, name=name,
-                           **train.sharding(exp, params.runtime))
+        return build_model(exp.model, exp.task, scaler=scaler, n_inputs=data.x["train"].shape[1], seed=seed, name=name)
 
     extras: dict[str, Any] = {}
     max_lr = None

@@ -1,9 +1,8 @@
 """The Kubeflow edge of a step: run one registry step inside a KFP component, on its artifacts.
 
 A component body in ``pipeline.py`` calls ``run_step`` with its artifacts; this binds them to the step's
-``run()`` arguments (``--bind``) and runs exactly the CLI a DVC stage runs (``python -m components``),
-so both orchestrators call the same function with the same params schema. Importing this module is
-cheap (no TensorFlow): under ``pipeline.py run-local`` the step itself runs in the warm stage server.
+``run()`` arguments and calls the step function (``registry.call``) as ``python -m components`` does for a DVC
+stage, so both orchestrators call the same function with the same params schema.
 
 What it adds around the step:
 
@@ -30,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import registry
+from . import config, registry
 
 log = logging.getLogger("components.kfp")
 
@@ -111,55 +110,43 @@ def checkpoints_on_volume(params_yaml: str) -> str:
     return yaml.safe_dump(raw, sort_keys=True)
 
 
-def foreach_item(step: registry.Step, params_yaml: str) -> str | None:
-    """The entry a foreach task runs: its params slice holds exactly one (see registry.task_params)."""
-    if not step.foreach:
-        return None
-    from .config import validate_params
-
-    import yaml
-
-    entries = registry.foreach_entries(validate_params(yaml.safe_load(params_yaml)), step.foreach)
-    if len(entries) != 1:
-        raise ValueError(f"{step.name}: the task's params must hold exactly one entry of {step.foreach}, got {entries}")
-    return entries[0]
-
-
-def run_step(step_name: str, params_yaml: str, data_version: str, **artifacts: Any) -> dict[str, Any]:
-    """Run registry step ``step_name`` on KFP artifacts with its params slice; return its metrics.
+def run_step(step_name: str, params: str, data_version: str, **artifacts: Any) -> dict[str, Any]:
+    """Run registry step ``step_name`` on KFP artifacts with its params slice (YAML text); return its metrics.
 
     ``data_version`` (the DVC hash of the raw data) is an input only so that KFP's cache key holds it.
     """
-    from .__main__ import main
+    from .config import load_params
     from .io import setup_logging
 
     setup_logging(step_name)
     step = registry.get(step_name)
-    item = foreach_item(step, params_yaml)
     expected = set(step.paths)
     if set(artifacts) != expected:
         raise TypeError(f"component for {step_name}: artifacts {sorted(artifacts)} != registry's {sorted(expected)}")
     set_context(step, data_version)
-    params_yaml = checkpoints_on_volume(params_yaml)
-    workspace = step.bind(item)
     with tempfile.TemporaryDirectory(prefix=f"ch11-{step_name}-") as tmp:
-        params_file = Path(tmp) / "params.yaml"
-        params_file.write_text(params_yaml)
+        params_file = Path(tmp) / "params.yaml"  # the task's params as a file: its hash tags the MLflow run
+        params_file.write_text(checkpoints_on_volume(params))
         os.environ["PARAMS_FILE"] = str(params_file)
-        argv = [step_name] + ([item] if item else []) + ["--params", str(params_file)]
+        p = load_params(params_file, schema=getattr(config, registry.pipeline_of(step_name).schema))
+        item = None
+        if step.foreach:  # the one entry of its params slice (registry.task_params)
+            entries = registry.foreach_entries(p, step.foreach)
+            if len(entries) != 1:
+                raise ValueError(f"{step_name}: the task's params must hold exactly one entry of {step.foreach}, got {entries}")
+            item = entries[0]
+        workspace = step.bind(item)
+        paths: dict[str, Path] = {}
         for kwarg, art in artifacts.items():
             if kwarg in step.inputs and _is_list(art):
-                path = _materialize(art, Path(tmp) / kwarg)
+                paths[kwarg] = _materialize(art, Path(tmp) / kwarg)
             else:
-                path = artifact_file(art.path, workspace[kwarg])
+                paths[kwarg] = artifact_file(art.path, workspace[kwarg])
                 if kwarg not in step.inputs:
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    paths[kwarg].parent.mkdir(parents=True, exist_ok=True)
                     art.metadata.update({"file": workspace[kwarg], "step": step_name, "item": item or ""})
-            argv += ["--bind", f"{kwarg}={path}"]
         log.info("running step %s%s on Kubeflow artifacts", step_name, f" {item}" if item else "")
-        code = main(argv)
-    if code != 0:
-        raise RuntimeError(f"step {step_name}{' ' + item if item else ''} failed (exit code {code}); its log is above")
+        registry.call(step, p, item, paths)
     metrics: dict[str, Any] = {}
     for kwarg in step.metrics:
         art = artifacts[kwarg]

@@ -7,7 +7,6 @@ Every model takes raw pixels (0..255, flattened: 784 for Fashion-MNIST, 3072 for
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any
 
 import keras
@@ -39,131 +38,6 @@ class MCDropout(keras.layers.Dropout):
 class MCAlphaDropout(keras.layers.AlphaDropout):
     def call(self, inputs, training=None):
         return super().call(inputs, training=True)
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class InPlaceDense(keras.layers.Dense):
-    """A Dense layer whose backward pass runs in a fixed order — input gradient, then weight gradient, then bias
-    gradient — so that the optimizer updates the kernel in place and the chain of input gradients stays on one thread.
-
-    Same function, parameters, initial values and gradients as ``Dense``: the same ops (``x @ W``, the bias added
-    as Dense adds it; input gradient ``dy @ W.T``, weight gradient ``x.T @ dy``, bias gradient ``BiasAddGrad(dy)``),
-    so the same bits (tests train both and compare). One exception: a kernel whose gradient has three terms (the
-    product's and l1_l2's two penalties) may have them summed in another order by TensorFlow's graph optimizer, so
-    its bits differ by rounding. What changes is the order, by two control edges:
-
-    * the weight gradient waits for the input gradient. A variable's update writes into its buffer only while no
-      other tensor holds it, and otherwise copies the whole kernel first; TensorFlow computes a layer's two backward
-      products side by side, so when the weight gradient finished first, the update found the kernel still held by
-      the input-gradient product and copied it (a third of the 100-layer nets' updates: ~0.5 ms of a 4.5 ms step).
-    * the bias gradient waits for the weight gradient. TensorFlow's executor runs one expensive op (a product) of
-      those an op makes ready on the same thread, and only when no cheap op is ready with it; otherwise it queues
-      the product for the thread pool and runs the cheap ops first. When a layer's output gradient was ready, the
-      bias gradient (cheap) and the input-gradient product (the backward chain) became ready together, so the
-      chain waited behind the bias gradient and its update, or moved to the other thread, at every layer. Hung
-      behind the weight gradient, the bias gradient and both updates run on the thread that computes the weight
-      gradient, and the chain goes on at once (the 100-layer net's step: 1.07-1.16x as fast in three same-process A/Bs
-      of alternating chunks).
-
-    Neither costs time: the other thread is busy with the chain meanwhile. Use it where the input gradient is
-    needed (every Dense after a trainable layer): a layer that needs none would compute one for nothing."""
-
-    def call(self, inputs, training=None):
-        if (keras.backend.backend() != "tensorflow" or len(inputs.shape) != 2 or self.lora_enabled
-                or getattr(self, "quantization_mode", None)):
-            return super().call(inputs, training=training)
-        if self.bias is not None and self.units > 1:  # Dense adds such a bias with a BiasAdd (keras.ops.add)
-            x = _product_in_place(inputs, self.kernel, self.bias)
-        else:  # no bias, or one unit: Keras adds a bias of one unit by broadcasting, with another gradient
-            x = _product_in_place(inputs, self.kernel)
-            if self.bias is not None:
-                x = keras.ops.add(x, self.bias)
-        return self.activation(x) if self.activation is not None else x
-
-
-def _product_in_place(x, kernel, bias=None):
-    """``x @ kernel`` (``+ bias`` as a BiasAdd, which TensorFlow fuses into the product) with InPlaceDense's
-    gradient (TensorFlow). The variables are read here, outside the custom-gradient function, which then sees
-    tensors (the tape still records the reads)."""
-    import tensorflow as tf
-
-    @tf.custom_gradient
-    def product(x, kernel, *bias):
-        def backward(dy):
-            dx = tf.linalg.matmul(dy, kernel, transpose_b=True)
-            with tf.control_dependencies([dx]):  # the kernel's update needs dw, so it now comes after dx: in place
-                dw = tf.linalg.matmul(x, dy, transpose_a=True)
-            if not bias:
-                return dx, dw
-            with tf.control_dependencies([dw]):  # off the chain: runs on dw's thread, after it
-                db = tf.raw_ops.BiasAddGrad(out_backprop=dy, data_format="NHWC")  # BiasAdd's own gradient
-            return dx, dw, db
-
-        y = tf.linalg.matmul(x, kernel)
-        return (tf.nn.bias_add(y, bias[0], data_format="NHWC") if bias else y), backward
-
-    def tensor(v):
-        return tf.convert_to_tensor(keras.ops.convert_to_tensor(v))
-
-    return product(tf.convert_to_tensor(x), tensor(kernel), *([] if bias is None else [tensor(bias)]))
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class ShardedDense(keras.layers.Dense):
-    """A Dense layer whose kernel is held as ``shards`` blocks of columns (tensor parallelism on the CPU's cores).
-
-    Same function, same parameters and the same initial values as ``Dense`` (the full kernel is drawn from the
-    initializer, then cut into column blocks). Each block's products (forward ``x @ w_j``, weight gradient
-    ``x.T @ dy_j``) and its optimizer update are separate ops, which TensorFlow's two inter-op threads run at once;
-    one intra-op thread per op keeps each op deterministic, and since no block's result depends on the other's,
-    the weights do not depend on how the ops were scheduled (a test trains on one thread and on two and compares
-    the bits). ``kernel`` reads the whole matrix."""
-
-    def __init__(self, units, shards: int = 2, **kwargs):
-        super().__init__(units, **kwargs)
-        self.shards = int(shards)
-
-    def build(self, input_shape):
-        n_in = int(input_shape[-1])
-        full = self.kernel_initializer((n_in, self.units), dtype=self.variable_dtype)
-        cuts = [self.units * j // self.shards for j in range(self.shards + 1)]
-        self.kernels = [
-            self.add_weight(
-                name=f"kernel_{j}",
-                shape=(n_in, cuts[j + 1] - cuts[j]),
-                initializer=lambda shape, dtype=None, block=full[:, cuts[j]:cuts[j + 1]]: keras.ops.convert_to_tensor(block, dtype),
-                regularizer=self.kernel_regularizer,
-                constraint=self.kernel_constraint,  # MaxNorm works per column: the same on a block
-            )
-            for j in range(self.shards)
-        ]
-        self.bias = (
-            self.add_weight(name="bias", shape=(self.units,), initializer=self.bias_initializer,
-                            regularizer=self.bias_regularizer, constraint=self.bias_constraint)
-            if self.use_bias else None
-        )
-        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: n_in})
-        self.built = True
-
-    @property
-    def kernel(self):
-        return keras.ops.concatenate([k.value for k in self.kernels], axis=-1)
-
-    def call(self, inputs, training=None):
-        x = keras.ops.concatenate([keras.ops.matmul(inputs, k) for k in self.kernels], axis=-1)
-        if self.bias is not None:
-            x = keras.ops.add(x, self.bias)
-        return self.activation(x) if self.activation is not None else x
-
-    # Dense's own (quantization-aware) variable storage expects one kernel; store the blocks as variables.
-    def save_own_variables(self, store):
-        keras.layers.Layer.save_own_variables(self, store)
-
-    def load_own_variables(self, store):
-        keras.layers.Layer.load_own_variables(self, store)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "shards": self.shards}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -217,33 +91,6 @@ class ExponentialRange(keras.optimizers.schedules.LearningRateSchedule):
         return {"min_lr": self.min_lr, "max_lr": self.max_lr, "steps": self.steps}
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class Pixels(keras.layers.Layer):
-    """Raw pixels (0..255) → model inputs: ``x / 255`` or, with a scaler, ``(x / 255 - mean) / std``.
-
-    One fused multiply-add per pixel; unlike Keras' preprocessing layers it runs under XLA."""
-
-    def __init__(self, mean=None, std=None, **kwargs):
-        super().__init__(**kwargs)
-        self.mean = None if mean is None else [float(v) for v in np.ravel(mean)]
-        self.std = None if std is None else [float(v) for v in np.ravel(std)]
-        if self.mean is None:
-            self._scale, self._offset = 1 / 255.0, 0.0
-        else:
-            m, s = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
-            self._scale, self._offset = (1 / (255.0 * s)).astype(np.float32), (-m / s).astype(np.float32)
-
-    def call(self, x):
-        x = keras.ops.cast(x, "float32")
-        return x * self._scale + self._offset
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "mean": self.mean, "std": self.std}
-
-
 def initializer(spec: Initializer, seed: int | None = None) -> keras.initializers.Initializer:
     if spec.name == "variance_scaling":
         return keras.initializers.VarianceScaling(spec.scale, spec.mode, spec.distribution, seed=seed)
@@ -277,6 +124,17 @@ def output_for(task: str) -> tuple[int, str, str]:
     }[task]
 
 
+def input_scaling(scaler: tuple[np.ndarray, np.ndarray] | None) -> keras.layers.Layer:
+    """Raw pixels (0..255) -> model inputs, as a standard Keras layer: ``Rescaling(1/255)``, or with a scaler
+    (per-pixel mean/std of ``x / 255`` on the training split) one ``Normalization`` on the raw pixels with the
+    same statistics scaled by 255, i.e. ``(x - 255 mean) / (255 std)`` = ``(x / 255 - mean) / std``."""
+    if scaler is None:
+        return keras.layers.Rescaling(1 / 255.0, name="scale")
+    mean, std = (np.asarray(a, np.float64).ravel() for a in scaler)
+    return keras.layers.Normalization(mean=(255.0 * mean).astype(np.float32),
+                                      variance=np.square(255.0 * std).astype(np.float32), name="standardize")
+
+
 def build_model(
     spec: ModelSpec,
     task: str = "full",
@@ -285,27 +143,15 @@ def build_model(
     mc: bool = False,
     seed: int | None = None,
     name: str = "model",
-    shard_min_weights: int = 0,
-    shards: int = 2,
-    shard_min_share: float = 0.0,
 ) -> keras.Sequential:
-    """Build the Sequential MLP a spec describes. ``mc=True`` swaps dropout for its MC twin (same weights).
-
-    Hidden Dense layers of at least ``shard_min_weights`` kernel weights (0: none) and at least
-    ``shard_min_share`` of all the net's kernel weights are ``ShardedDense`` with ``shards`` column blocks: the
-    same function and initial weights, computed on several cores at once. Every other Dense whose input gradient is
-    needed (after a trainable layer: all but a first layer on the pixels) is ``InPlaceDense``: the same layer and
-    bits, with its kernel updated in place.
+    """Build the Sequential MLP a spec describes, from ``keras.layers`` only. ``mc=True`` swaps dropout for its
+    MC twin (for sampling in-process; such a model is never saved).
 
     ``seed`` fixes every initializer (each layer gets seed + its index), so the same spec and seed
     give the same initial weights whatever else was built before.
     """
     n_out, out_act, _ = output_for(task)
-    mean, std = scaler if scaler is not None else (None, None)
-    layers: list[keras.layers.Layer] = [
-        keras.Input((n_inputs,), name="pixels"),
-        Pixels(mean, std, name="standardize" if scaler is not None else "scale"),
-    ]
+    layers: list[keras.layers.Layer] = [keras.Input((n_inputs,), name="pixels"), input_scaling(scaler)]
     if spec.input_batch_norm:
         layers.append(keras.layers.BatchNormalization(name="input_bn"))
 
@@ -320,32 +166,23 @@ def build_model(
     reg = regularizer(spec.regularizer)
     constraint = keras.constraints.MaxNorm(spec.max_norm) if spec.max_norm else None
     simple_act = spec.activation.name not in ("leaky_relu", "prelu") and spec.activation.alpha is None
-    widths = [n_inputs] + [b.units for b in spec.hidden for _ in range(b.repeat)] + [n_out]
-    total_weights = sum(a * b for a, b in zip(widths, widths[1:]))
+    fused = simple_act and spec.batch_norm != "before"  # the activation inside Dense, as the book writes it
+    act_name = {"swish": "silu"}.get(spec.activation.name, spec.activation.name)
     i = 0
-    # a Dense after a trainable layer computes its input gradient: there, InPlaceDense updates the kernel in place
-    dense = InPlaceDense if spec.input_batch_norm else keras.layers.Dense
     for block in spec.hidden:
         for _ in range(block.repeat):
             i += 1
             if spec.dropout and spec.dropout.where == "every":
                 layers.append(dropout(i))
-            fused = simple_act and spec.batch_norm != "before"
-            act_name = {"swish": "silu"}.get(spec.activation.name, spec.activation.name)
-            size = widths[i - 1] * block.units
-            sharded = shards > 1 and 0 < shard_min_weights <= size and size >= shard_min_share * total_weights
-            layers.append(
-                (partial(ShardedDense, shards=shards) if sharded else dense)(
-                    block.units,
-                    activation=act_name if fused else None,
-                    use_bias=spec.batch_norm != "before",
-                    kernel_initializer=initializer(spec.initializer, None if seed is None else seed + i),
-                    kernel_regularizer=reg,
-                    kernel_constraint=constraint,
-                    name=f"dense_{i}",
-                )
-            )
-            dense = InPlaceDense
+            layers.append(keras.layers.Dense(
+                block.units,
+                activation=act_name if fused else None,
+                use_bias=spec.batch_norm != "before",
+                kernel_initializer=initializer(spec.initializer, None if seed is None else seed + i),
+                kernel_regularizer=reg,
+                kernel_constraint=constraint,
+                name=f"dense_{i}",
+            ))
             if spec.batch_norm == "before":
                 layers.append(keras.layers.BatchNormalization(name=f"bn_{i}"))
             if not fused:
@@ -354,15 +191,13 @@ def build_model(
                 layers.append(keras.layers.BatchNormalization(name=f"bn_{i}"))
     if spec.dropout:
         layers.append(dropout(i + 1))
-    layers.append(
-        dense(
-            n_out,
-            activation=out_act,
-            kernel_initializer=initializer(spec.output_initializer, None if seed is None else seed + i + 1),
-            kernel_regularizer=reg if (spec.regularizer and spec.regularizer.output) else None,
-            name="output",
-        )
-    )
+    layers.append(keras.layers.Dense(
+        n_out,
+        activation=out_act,
+        kernel_initializer=initializer(spec.output_initializer, None if seed is None else seed + i + 1),
+        kernel_regularizer=reg if (spec.regularizer and spec.regularizer.output) else None,
+        name="output",
+    ))
     return keras.Sequential(layers, name=name)
 
 

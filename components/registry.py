@@ -271,6 +271,15 @@ def task_params(raw: dict[str, Any], step: Step, item: str | None = None) -> dic
     return copy.deepcopy(keep)
 
 
+def call(step: Step, params: Any, item: str | None, paths: dict[str, Any]) -> Any:
+    """Run ``step``: its module's entry function with the params, the foreach entry and its paths (the run()
+    arguments named in the registry). The one call `python -m components` and a Kubeflow task both make."""
+    import importlib
+
+    fn = getattr(importlib.import_module(f"components.{step.module}"), step.entry)
+    return fn(params=params, **({"name": item} if step.foreach else {}), **paths)
+
+
 def get(name: str) -> Step:
     steps = [s for p in PIPELINES.values() for s in p.steps]
     for s in steps:

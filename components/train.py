@@ -44,35 +44,40 @@ class TrainingDiverged(RuntimeError):
 
 
 def configure(runtime: Runtime) -> None:
-    """Threading and determinism; must run before TensorFlow executes any op (once per process)."""
+    """Threads, precision and determinism of this process's profile (``runtime.tuning``: ``local`` on this kind of
+    box, ``cluster`` in a Kubeflow pod); must run before TensorFlow executes any op (once per process)."""
     global _CONFIGURED
     if _CONFIGURED:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if runtime.cpu_allocator == "bfc":  # read when TensorFlow makes its CPU allocator, at the first op
-        os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     import tensorflow as tf
 
+    tuning = runtime.tuning
     try:
-        if runtime.intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(runtime.intra_op_threads)
-        if runtime.inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(runtime.inter_op_threads)
+        if tuning.intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(tuning.intra_op_threads)
+        if tuning.inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(tuning.inter_op_threads)
     except RuntimeError:  # TensorFlow already initialized: its thread pools are fixed now
-        if tf.config.threading.get_intra_op_parallelism_threads() != runtime.intra_op_threads:
+        if tuning.intra_op_threads and tf.config.threading.get_intra_op_parallelism_threads() != tuning.intra_op_threads:
             log.warning("TensorFlow was initialized before the runtime settings could apply: intra-op threads = %s, "
                         "not %s; numbers may differ from a fresh run", tf.config.threading.get_intra_op_parallelism_threads(),
-                        runtime.intra_op_threads)
+                        tuning.intra_op_threads)
+    gpus = tf.config.list_physical_devices("GPU")
     # A Kubeflow GPU task (pipeline.py sets CH11_REQUIRE_GPU) must not silently train on CPU.
-    if os.environ.get("CH11_REQUIRE_GPU") == "1" and not tf.config.list_physical_devices("GPU"):
+    if os.environ.get("CH11_REQUIRE_GPU") == "1" and not gpus:
         raise RuntimeError(
             "this Kubeflow task requested a GPU but TensorFlow sees none (the request was dropped, the node has no "
             "driver, or the image is the CPU build). Check the task's node and image (kubeflow.gpu_image), or set "
             "kubeflow.gpu.required: false in params.yaml to let it train on CPU.")
+    if tuning.mixed_precision and gpus:
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
     # On a CPU with one intra-op thread every op is already deterministic (no parallel reductions), and
     # tests/test_training.py proves bit-identical weights; TensorFlow's op-determinism switch would also
     # turn XLA off in Keras. Elsewhere (GPU, several threads per op) switch it on.
-    if runtime.deterministic and (runtime.intra_op_threads != 1 or tf.config.list_physical_devices("GPU")):
+    if runtime.deterministic and (tuning.intra_op_threads != 1 or gpus):
         tf.config.experimental.enable_op_determinism()
     _CONFIGURED = True
 
@@ -334,35 +339,23 @@ def fused_steps(cap: int, steps_per_epoch: int) -> int:
     return max(d for d in range(1, min(cap, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 
-def sharding(exp: Experiment, runtime: Runtime) -> dict[str, float]:
-    """The builder's sharding arguments for an experiment: wide hidden layers in column blocks, so that the two
-    inter-op threads compute them at once. Not with ``clipnorm``: Keras clips each variable's gradient by its own
-    norm, and a kernel in blocks would be clipped block by block — another optimizer than the spec's. The
-    threads never decide it: the same params give the same weights on one inter-op thread or on two."""
-    on = exp.optimizer.clipnorm is None and runtime.shards > 1
-    return {"shard_min_weights": runtime.shard_min_weights if on else 0, "shards": runtime.shards,
-            "shard_min_share": runtime.shard_min_share}
-
-
 def compile_model(
     model, exp: Experiment, runtime: Runtime, lr: Any, loss: str, steps_per_epoch: int, jit: bool | None = None
 ) -> None:
-    from .models import ShardedDense, build_optimizer
+    from .models import build_optimizer
 
     if jit is None:
         # auto: XLA for small nets only, and never with dropout: XLA's random-number ops are slow on CPU
-        # (the dropout MLP: 30 s/epoch with XLA, 3 s without), nor with sharded layers: XLA runs one op at a
-        # time on one thread, and the point of the blocks is to run at once (LeakyReLU MLP: 1.22 s/epoch under
-        # XLA, 0.97 s sharded without)
-        jit = runtime.jit_compile == "on" or (
-            runtime.jit_compile == "auto" and exp.model.depth <= runtime.jit_max_depth and exp.model.dropout is None
-            and not any(isinstance(layer, ShardedDense) for layer in model.layers)
+        # (the dropout MLP: 30 s/epoch with XLA, 3 s without)
+        tuning = runtime.tuning
+        jit = tuning.jit_compile == "on" or (
+            tuning.jit_compile == "auto" and exp.model.depth <= tuning.jit_max_depth and exp.model.dropout is None
         )
     model.compile(
         loss=loss,
         optimizer=build_optimizer(exp.optimizer, lr),
         metrics=["accuracy"],
-        steps_per_execution=fused_steps(runtime.steps_per_execution, steps_per_epoch),
+        steps_per_execution=fused_steps(runtime.tuning.steps_per_execution, steps_per_epoch),
         jit_compile=bool(jit),
     )
 
@@ -513,15 +506,45 @@ def lr_range_test(
     return {"lr": lrs, "loss": losses, "smoothed_loss": smooth, "lr_at_min_loss": lrs[best], "max_lr": max_lr}
 
 
+def plain_copy(model):
+    """The trained network alone: the same layers and weights, not compiled, so that the saved file holds no
+    optimizer, learning-rate schedule or training setting (none of which ``load_model`` should need)."""
+    twin = type(model).from_config(model.get_config())  # (keras.models.clone_model would copy the compile config)
+    twin.set_weights(model.get_weights())
+    assert not twin.compiled
+    return twin
+
+
+def _reproducible_zip(src: Path, dst: Path) -> None:
+    """The ``.keras`` zip without what changes from one save to the next (each member's time stamp, the save date
+    in metadata.json), so that the same weights give the same bytes: no new md5 in dvc.lock, no rerun downstream."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            blob = zin.read(info)
+            if info.filename == "metadata.json":
+                meta = json.loads(blob)
+                meta.pop("date_saved", None)
+                blob = json.dumps(meta, sort_keys=True).encode()
+            zout.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), blob,
+                          compress_type=info.compress_type)
+
+
 def save_model(model, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` file beside ``path``, then rename (Keras needs the suffix)."""
+    """Save the trained network (architecture and weights, without the optimizer: see ``plain_copy``) as a
+    ``.keras`` file that ``keras.models.load_model`` opens with Keras alone, byte for byte the same for the same
+    weights; written to temporary files beside ``path``, then renamed (Keras needs the suffix)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.parent / f".{path.stem}.{os.getpid()}.raw.tmp.keras"
     tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.keras"
     try:
-        model.save(tmp)
+        plain_copy(model).save(raw)
+        _reproducible_zip(raw, tmp)
         os.replace(tmp, path)
     finally:
+        raw.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
 
 

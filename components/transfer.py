@@ -90,12 +90,9 @@ def b_on_a_model(model_a, seed: int):
     """Clone A (new layers, A's weights: training the clone cannot change A) and give it a new head."""
     import keras
 
-    from .models import InPlaceDense  # (importing models also registers the custom layers for cloning)
-
     clone = keras.models.clone_model(model_a)
     clone.set_weights(model_a.get_weights())
-    # the head's input gradient reaches A's layers once they are unfrozen: InPlaceDense, as in build_model
-    head = InPlaceDense(1, activation="sigmoid", kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="output_b")
+    head = keras.layers.Dense(1, activation="sigmoid", kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name="output_b")
     model = keras.Sequential([keras.Input(model_a.input_shape[1:]), *clone.layers[:-1], head], name="b_on_a")
     return model
 
@@ -131,7 +128,7 @@ def train_b_on_a(params: Params, model_a, data: train.TaskData, seed: int, on_ph
     def compile_(lr: float) -> None:
         opt = exp.optimizer.model_copy(update={"learning_rate": lr})
         model.compile(loss="binary_crossentropy", optimizer=build_optimizer(opt, lr), metrics=["accuracy"],
-                      steps_per_execution=train.fused_steps(rt.steps_per_execution, steps), jit_compile=False)
+                      steps_per_execution=train.fused_steps(rt.tuning.steps_per_execution, steps), jit_compile=False)
 
     base = Path(rt.checkpoint_dir)
     key = train.state_key("b_on_a", cfg.model_dump(), exp.model_dump(), seed, data.fingerprint, weights_digest(model_a))
@@ -167,8 +164,6 @@ def run_b_on_a(
     models_dir: Path, metrics_path: Path, history_path: Path,
 ) -> dict:
     import keras
-
-    from . import models  # noqa: F401  (custom layers)
 
     t = _transfer(params)
     # before anything runs a TensorFlow op (loading A does): TensorFlow fixes its thread pools at the first op,

@@ -28,6 +28,63 @@ def repo_env(**extra: str | None) -> dict[str, str]:
     return env
 
 
+ISOLATED_LOAD = """
+import importlib.abc, json, sys
+import numpy as np
+
+
+class NoProject(importlib.abc.MetaPathFinder):  # as if this repository were not installed at all
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("components", "pipeline", "tests", "benchmarks", "tools"):
+            raise ImportError(f"{name} must not be needed to load a saved model")
+        return None
+
+
+sys.meta_path.insert(0, NoProject())
+import keras
+
+job = json.loads(sys.stdin.read())
+x = np.load(job["x"])
+out = {}
+for i, path in enumerate(job["models"]):
+    model = keras.models.load_model(path)
+    out[f"m{i}"] = model.predict(x[: job["rows"]].astype("float32"), verbose=0)
+assert not [m for m in sys.modules if m.split(".")[0] == "components"]
+np.savez(job["out"], **out)
+"""
+
+
+def predict_isolated(models: list[Path], x, tmp: Path, rows: int = 64) -> list:
+    """Predictions of saved ``.keras`` models loaded by ``keras.models.load_model`` in a fresh ``python -I``
+    (no PYTHONPATH, no working-directory import, this repository's packages blocked), run from an empty folder."""
+    import json
+
+    import numpy as np
+
+    work = tmp / "isolated"
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / "x.npy", np.asarray(x))
+    job = {"x": str(work / "x.npy"), "models": [str(Path(m).resolve()) for m in models], "rows": rows,
+           "out": str(work / "pred.npz")}
+    env = {k: v for k, v in repo_env().items() if not k.startswith(("PYTHON", "CH11_"))}
+    proc = subprocess.run([sys.executable, "-I", "-c", ISOLATED_LOAD], input=json.dumps(job), cwd=work, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(job["out"]) as z:
+        return [z[f"m{i}"] for i in range(len(models))]
+
+
+def assert_loads_alone(models: list[Path], x, tmp: Path, rows: int = 64) -> None:
+    """Every model loads without this repository and predicts what it predicts here."""
+    import keras
+    import numpy as np
+
+    isolated = predict_isolated(models, x, tmp, rows)
+    for path, got in zip(models, isolated):
+        here = keras.models.load_model(path).predict(np.asarray(x)[:rows].astype("float32"), verbose=0)
+        np.testing.assert_allclose(got, here, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_tracking(tmp_path_factory):
     """Tests never write into the repository's mlflow.db: a throw-away sqlite store unless a test says otherwise."""
@@ -226,7 +283,7 @@ def chapter_repo(tmp_path_factory, debian_dir):
 def chapter_repro(chapter_repo, mlflow_server):
     """The whole chapter as `make repro` runs it (warm stage server, independent stages two at a time through
     `dvc repro`, then a plain `dvc repro` that finds nothing left) in that clone; its output."""
-    proc = run([sys.executable, "-m", "components.worker", "run", "--", sys.executable, "-m", "components.repro",
+    proc = run([sys.executable, "tools/warm.py", "run", "--", sys.executable, "-m", "components.repro",
                 "--jobs", "2"], cwd=chapter_repo,
                MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="tiny-pipeline-1")
     return proc.stdout + proc.stderr

@@ -276,6 +276,9 @@ def test_the_whole_cifar10_pipeline_runs_on_the_tiny_tarball(served, tmp_path, m
 
     model = keras.models.load_model("models/experiments/batch_norm.keras")
     assert model.input_shape == (None, 3072)
+    from .conftest import assert_loads_alone
+
+    assert_loads_alone(sorted(Path("models/experiments").resolve().glob("*.keras")), raw["test_x"], tmp_path / "iso")
     assert sum(isinstance(layer, keras.layers.Dense) for layer in model.layers) == 21
     assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers) == 20
     mc = json.loads(Path("metrics/mc_dropout.json").read_text())

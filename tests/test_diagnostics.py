@@ -22,10 +22,9 @@ def probe_data(tiny_ws):
 def keras_net(depth: int, units: int, activation: str, init, scaler=None, n_out: int = 10):
     import keras
 
-    from components.models import Pixels
+    from components.models import input_scaling
 
-    mean, std = scaler if scaler is not None else (None, None)
-    layers = [keras.Input((784,)), Pixels(mean, std)]
+    layers = [keras.Input((784,)), input_scaling(scaler)]
     layers += [keras.layers.Dense(units, activation=activation, kernel_initializer=init(i)) for i in range(depth)]
     layers.append(keras.layers.Dense(n_out, activation="softmax", kernel_initializer=keras.initializers.GlorotUniform(seed=0)))
     model = keras.Sequential(layers)
@@ -113,7 +112,7 @@ def test_callback_gradient_norms_equal_a_direct_gradient_tape(probe_data):
     expected = [float(tf.norm(g)) for g in tape.gradient(loss, kernels)]
     got = [r.grad_norm for r in cb.records if r.epoch == 2]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
-    h1 = keras.Model(model.inputs, model.layers[1].output)(xp).numpy()  # first hidden Dense (after Pixels)
+    h1 = keras.Model(model.inputs, model.layers[1].output)(xp).numpy()  # first hidden Dense (after the input scaling)
     first = next(r for r in cb.records if r.epoch == 2 and r.depth == 1)
     np.testing.assert_allclose([first.act_mean, first.act_std], [h1.mean(0).mean(), h1.std(0).mean()], rtol=1e-4)
 

@@ -210,7 +210,7 @@ def test_a_retried_training_task_resumes_from_the_checkpoint_volume(tiny_ws, tmp
     import keras
     import numpy as np
 
-    from components import kfp_step, models  # noqa: F401  (models: the custom layers for load_model)
+    from components import kfp_step
 
     from .test_training import train_in_process
 

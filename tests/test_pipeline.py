@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from .conftest import CHAPTER_EPOCHS as EPOCHS
-from .conftest import run
+from .conftest import assert_loads_alone, run
 
 # One xdist worker holds the tiny chapter (a session fixture) for this module and the Kubeflow parity tests.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chapter")]
@@ -47,6 +47,25 @@ def test_every_stage_runs_and_the_report_holds_every_experiment(repo, repro):
         assert (repo / f"reports/experiments/{name}/learning_curves.png").is_file()
     assert (repo / "reports/experiments/lr_1cycle/lr_range_test.json").is_file()
     assert (repo / "reports/mc_dropout/dropout/reliability.png").is_file()
+
+
+def test_every_saved_model_loads_with_keras_alone(repo, repro, tmp_path):
+    """Every .keras file the chapter writes (each experiment family, model A, model B and B-on-A per seed) opens
+    with `keras.models.load_model` in a Python without this repository, predicting what it predicts here, on
+    real test rows (raw 0-255 pixels)."""
+    from components.dataset import read_split
+
+    models = sorted((repo / "models").rglob("*.keras"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert set(params["experiments"]) <= {p.stem for p in models}
+    assert (repo / "models/transfer/model_a.keras") in models
+    for side in ("model_b", "b_on_a"):
+        assert {f"seed_{s}" for s in params["transfer"]["seeds"]} == {p.stem for p in models if p.parent.name == side}
+    x_full = read_split(repo / "data/splits/full_test.parquet").x.reshape(-1, 784)
+    x_b = read_split(repo / "data/splits/b_test.parquet").x.reshape(-1, 784)
+    transfer = [p for p in models if "transfer" in p.parts]
+    assert_loads_alone([p for p in models if p not in transfer], x_full, tmp_path / "full")
+    assert_loads_alone(transfer, x_b, tmp_path / "b")
 
 
 def test_mlflow_hierarchy_metrics_artifacts_lineage_registry(repo, repro, mlflow_server):

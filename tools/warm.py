@@ -1,19 +1,21 @@
-"""A warm stage server for ``dvc repro``: TensorFlow is imported once, each stage runs in a forked child.
+"""A warm stage server for a local ``dvc repro`` (a convenience of this machine, never on the step path).
 
-Importing TensorFlow + Keras costs ~10 s per process on the reference 2-core box, and the chapter has
-~50 stages. ``python -m components.worker run -- dvc repro`` starts a server that imports them once,
-runs the command with ``CH11_WORKER`` pointing at it, and stops the server afterwards. Every DVC stage
-is still its own ``python -m components <step>`` process as written in dvc.yaml; when ``CH11_WORKER``
-is set, that thin client (which imports no TensorFlow) hands its arguments to the server, which forks
-a child that runs exactly what the client would have run, with the client's working directory and
-environment, and streams its output back. Semantics are unchanged:
+Importing TensorFlow, Keras and MLflow costs seconds per process, and the chapter has ~50 stages.
 
-* one fresh child per stage (no state shared between stages; same results as a cold process — the
-  determinism test compares them);
+    python tools/warm.py run -- dvc repro      # or: -- python -m components.repro (what `make repro` runs)
+
+starts a server that imports them once, then runs the command with a ``python`` shim first on ``PATH``. DVC
+runs each stage's command as written in dvc.yaml, ``python -m components <step> ...``; the shim hands exactly
+those calls to the server, which forks a child that runs the step (``components.__main__.main``) with the
+stage's working directory, environment and arguments, and streams its output back. Every other ``python`` call
+goes straight to the real interpreter. Nothing in ``components/``, ``pipeline.py`` or a Kubeflow task knows about
+this file: without it (a plain ``dvc repro``, a pod) each stage imports TensorFlow itself. Semantics are unchanged:
+
+* one fresh child per stage (no state shared between stages; same results as a cold process);
 * the stage's exit code is the child's; killing the client (Ctrl-C, ``kill -9``) kills the child, so an
   interrupted stage resumes exactly as it would without the server;
-* if the server is absent, or its code differs from the client's (an edit since it started, another
-  checkout), the client runs the stage itself.
+* if the server is gone, or its code differs from the ``components`` package the stage would import (an edit
+  since it started, another checkout), the stage runs in a fresh interpreter as usual.
 """
 from __future__ import annotations
 
@@ -25,40 +27,58 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-ENV = "CH11_WORKER"
+ENV = "CH11_WARM_SOCKET"
+REAL_PYTHON_ENV = "CH11_WARM_PYTHON"
 EXIT_MARK = b"\x00ch11-exit:"
-PKG = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "components"
 
 
-def code_digest() -> str:
-    """Hash of this package's source: a server only runs stages for identical code."""
+def code_digest(pkg: Path) -> str:
+    """Hash of a ``components`` package's source: a server only runs stages for identical code."""
     h = hashlib.sha256()
-    for p in sorted(PKG.rglob("*.py")):
-        h.update(p.relative_to(PKG).as_posix().encode())
+    for p in sorted(pkg.rglob("*.py")):
+        h.update(p.relative_to(pkg).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()
 
 
+def package_for(cwd: str, env: dict[str, str]) -> Path | None:
+    """The ``components`` package that ``python -m components`` would import there: the working directory first,
+    then ``$PYTHONPATH``; None where it would come from site-packages (the server cannot tell)."""
+    for entry in [cwd, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]:
+        pkg = Path(cwd, entry, "components").resolve()
+        if (pkg / "__main__.py").is_file():
+            return pkg
+    return None
+
+
 # ------------------------------------------------------------------------------------------ client
 
-def try_remote(argv: list[str]) -> int | None:
-    """Run ``python -m components <argv>`` on the server named by $CH11_WORKER; None = run locally."""
-    path = os.environ.get(ENV)
-    if not path:
-        return None
+def client(argv: list[str]) -> int:
+    """``python -m components <argv>`` through the server named by $CH11_WARM_SOCKET, or in the real interpreter."""
+    real = os.environ.get(REAL_PYTHON_ENV, sys.executable)
+    fallback = [real, "-m", "components", *argv]
+    path, cwd = os.environ.get(ENV), os.getcwd()
+    pkg = package_for(cwd, dict(os.environ))
+    if not path or pkg is None:
+        os.execv(real, fallback)
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
     except OSError:
-        return None
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    request = {"argv": argv, "cwd": os.getcwd(), "env": env, "digest": code_digest(), "pkg": str(PKG)}
+        os.execv(real, fallback)
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, REAL_PYTHON_ENV)}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.endswith("ch11-warm-bin"))
+    request = {"argv": argv, "cwd": cwd, "env": env, "digest": code_digest(pkg), "pkg": str(pkg)}
     with sock:
         sock.sendall(json.dumps(request).encode() + b"\n")
         tail = b""
@@ -79,10 +99,28 @@ def try_remote(argv: list[str]) -> int | None:
     if tail.startswith(EXIT_MARK):
         code = tail[len(EXIT_MARK):].strip()
         if code == b"stale":
-            return None
+            os.execv(real, fallback)
         return int(code)
     out.write(tail)
     return 1
+
+
+SHIM = """#!/bin/sh
+# python -m components ... goes to the warm stage server (tools/warm.py); everything else to the real python
+if [ "$1" = "-m" ] && [ "$2" = "components" ]; then
+  shift 2
+  exec "{python}" "{warm}" client -- "$@"
+fi
+exec "{python}" "$@"
+"""
+
+
+def write_shims(directory: Path, python: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("python", "python3"):
+        shim = directory / name
+        shim.write_text(SHIM.format(python=python, warm=Path(__file__).resolve()))
+        shim.chmod(0o755)
 
 
 # ------------------------------------------------------------------------------------------ server
@@ -104,8 +142,9 @@ def _preload() -> None:
         except ImportError:  # an optional part missing: the child imports (or fails) as it would without us
             pass
 
-    from . import __main__, diagnostics, experiment, mc_dropout, models, registry, report, tracking, train, transfer  # noqa: F401
-    from .plots import pyplot
+    sys.path.insert(0, str(ROOT))
+    from components import __main__, diagnostics, experiment, mc_dropout, models, registry, report, tracking, train, transfer  # noqa: F401
+    from components.plots import pyplot
 
     pyplot()  # matplotlib.pyplot on the Agg backend
     # MLflow maps every installed distribution to its modules (a scan of site-packages, ~0.5 s) the first
@@ -122,8 +161,6 @@ def _close_other_sockets(keep: int) -> None:
     other stages running at fork time). A fork copies every descriptor, and a client sees its stage end only
     when no process holds its connection any more: a copy left here kept a finished stage's ``dvc repro``
     waiting until this (unrelated, maybe much longer) stage exited."""
-    import stat
-
     try:
         fds = [int(n) for n in os.listdir("/proc/self/fd")]
     except OSError:  # no /proc: nothing to enumerate
@@ -146,7 +183,7 @@ def _serve_one(conn: socket.socket, digest: str) -> None:
                 return
             buf += chunk
         req = json.loads(buf.split(b"\n", 1)[0])
-        if req.get("digest") != digest or req.get("pkg") != str(PKG):
+        if req.get("digest") != digest or req.get("pkg") != str(PKG.resolve()):
             conn.sendall(EXIT_MARK + b"stale\n")
             return
         pid = os.fork()
@@ -163,7 +200,7 @@ def _serve_one(conn: socket.socket, digest: str) -> None:
                 os.dup2(fd, 2)
                 sys.stdout = os.fdopen(1, "w", buffering=1)
                 sys.stderr = os.fdopen(2, "w", buffering=1)
-                from .__main__ import main
+                from components.__main__ import main
 
                 code = main(req["argv"])
             except SystemExit as e:
@@ -193,15 +230,15 @@ def _serve_one(conn: socket.socket, digest: str) -> None:
                 return
 
 
-def serve(path: str, ready: threading.Event | None = None) -> None:
+def serve(path: str) -> None:
     _preload()
-    digest = code_digest()
+    digest = code_digest(PKG)
     if os.path.exists(path):
         os.unlink(path)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(8)
-    print(f"[worker] ready on {path} (TensorFlow preloaded)", file=sys.stderr, flush=True)
+    print(f"[warm] ready on {path} (TensorFlow preloaded)", file=sys.stderr, flush=True)
     while True:
         conn, _ = srv.accept()
         threading.Thread(target=_serve_one, args=(conn, digest), daemon=True).start()
@@ -209,25 +246,29 @@ def serve(path: str, ready: threading.Event | None = None) -> None:
 
 @contextlib.contextmanager
 def serving(path: str):
-    """A server for the duration of the block, with $CH11_WORKER set for the processes it starts."""
+    """A server for the duration of the block, and the ``python`` shims first on $PATH for the processes it starts."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen([sys.executable, "-m", "components.worker", "serve", "--socket", path])
-    old = os.environ.get(ENV)
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve", "--socket", path])
+    saved = {k: os.environ.get(k) for k in (ENV, REAL_PYTHON_ENV, "PATH")}
+    bin_dir = Path(tempfile.mkdtemp(prefix="ch11-warm-")) / "ch11-warm-bin"
     try:
         deadline = time.monotonic() + 120
         while not os.path.exists(path):
             if server.poll() is not None or time.monotonic() > deadline:
-                print("[worker] server did not start; running without it", file=sys.stderr)
+                print("[warm] server did not start; the stages import TensorFlow themselves", file=sys.stderr)
                 break
             time.sleep(0.2)
         if os.path.exists(path):
-            os.environ[ENV] = path
+            write_shims(bin_dir, sys.executable)
+            os.environ.update({ENV: path, REAL_PYTHON_ENV: sys.executable,
+                               "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])})
         yield
     finally:
-        if old is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         server.terminate()
         try:
             server.wait(10)
@@ -235,31 +276,33 @@ def serving(path: str):
             server.kill()
         if os.path.exists(path):
             os.unlink(path)
+        import shutil
 
-
-def run_with_server(cmd: list[str], path: str) -> int:
-    """Start a server, run ``cmd`` with $CH11_WORKER set, stop the server."""
-    with serving(path):
-        return subprocess.call(cmd)
+        shutil.rmtree(bin_dir.parent, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m components.worker", description=__doc__,
+    p = argparse.ArgumentParser(prog="python tools/warm.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="serve stages on a Unix socket until killed")
     s.add_argument("--socket", required=True)
     r = sub.add_parser("run", help="run a command (e.g. dvc repro) with a server for its stages")
-    r.add_argument("--socket", default=f"/tmp/ch11-worker-{os.getpid()}.sock")
+    r.add_argument("--socket", default=f"/tmp/ch11-warm-{os.getpid()}.sock")
     r.add_argument("command", nargs=argparse.REMAINDER)
+    c = sub.add_parser("client", help=argparse.SUPPRESS)
+    c.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     if a.cmd == "serve":
         serve(a.socket)
         return 0
+    if a.cmd == "client":
+        return client(a.args[1:] if a.args[:1] == ["--"] else a.args)
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
     if not cmd:
-        p.error("give the command to run, e.g. python -m components.worker run -- dvc repro")
-    return run_with_server(cmd, a.socket)
+        p.error("give the command to run, e.g. python tools/warm.py run -- dvc repro")
+    with serving(a.socket):
+        return subprocess.call(cmd)
 
 
 if __name__ == "__main__":
