@@ -43,7 +43,7 @@ browser:
 	else echo "==> chromium missing and not root: the browser test will be skipped (sudo apt-get install chromium)"; fi
 
 repro: setup dataset
-	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} python tools/warm.py run -- python -m components.repro
+	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} python tools/warm.py run -- python tools/repro.py
 	@echo "==> done. Report: $(CURDIR)/reports/report.md (figures in reports/figures/);"
 	@echo "    metrics: dvc metrics show; runs: make mlflow-ui, then http://127.0.0.1:5000"
 

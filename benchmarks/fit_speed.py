@@ -11,6 +11,10 @@ Keras model (``components.models.build_model``); only the training path differs.
 
     python benchmarks/fit_speed.py                       # both models, after `dvc repro standardize`
     python benchmarks/fit_speed.py --experiments leaky_relu --epochs 3
+    python benchmarks/fit_speed.py --without jit_compile=off   # A/B of one speed setting of runtime.local
+
+``--without KEY=VALUE[,KEY=VALUE]`` compares the pipeline with the pipeline whose ``runtime.local`` settings are
+overridden (a speed setting switched off) instead of with the plain fit: what that one setting gives.
 """
 from __future__ import annotations
 
@@ -47,7 +51,10 @@ def worker(mode: str, name: str, epochs: int) -> dict:
     from components.config import load_params
     from components.models import build_model, build_optimizer, output_for
 
-    p = load_params(ROOT / "params.yaml", [f"experiments.{name}.train.epochs={epochs}", "runtime.checkpoint_dir=/tmp/ch11-bench-ckpt"])
+    mode, _, without = mode.partition(":")
+    off = [f"runtime.local.{kv}" for kv in filter(None, without.split(","))]
+    p = load_params(ROOT / "params.yaml", [f"experiments.{name}.train.epochs={epochs}",
+                                           "runtime.checkpoint_dir=/tmp/ch11-bench-ckpt", *off])
     exp = p.experiments[name]
     data = train.load_task(ROOT / "data/splits", exp.task)
     scaler = experiment.load_scaler_if(exp, ROOT / "data/scaler.npz")
@@ -106,6 +113,8 @@ def main() -> int:
     ap.add_argument("--experiments", nargs="+", default=["leaky_relu", "selu_deep"])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2, help="runs of each way (alternating order); medians are reported")
+    ap.add_argument("--without", metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="compare with the pipeline under these runtime.local settings instead of the plain fit")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -118,10 +127,12 @@ def main() -> int:
           f"params.yaml; {a.epochs} epochs each, {a.rounds} round(s) of each way, alternating; GFLOP/s: the Dense "
           f"layers' matrix products per second of epoch; the pipeline's whole epoch, checkpoint and gradient-health "
           f"probe included)", flush=True)
+    other = f"pipeline:{a.without}" if a.without else "plain"
+    label = {other: f"without {a.without}" if a.without else "plain", "pipeline": "pipeline"}
     for name in a.experiments:
-        runs: dict[str, list[dict]] = {"plain": [], "pipeline": []}
+        runs: dict[str, list[dict]] = {other: [], "pipeline": []}
         for r in range(a.rounds):  # ABBA order: a drift of the machine's speed hits both ways alike
-            for mode in (("plain", "pipeline") if r % 2 == 0 else ("pipeline", "plain")):
+            for mode in ((other, "pipeline") if r % 2 == 0 else ("pipeline", other)):
                 out = subprocess.run([sys.executable, __file__, "--worker", mode, name, str(a.epochs)], capture_output=True,
                                      text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
                 if out.returncode:
@@ -131,10 +142,10 @@ def main() -> int:
         med = {m: float(np.median([median_steady(r["seconds"]) for r in rs])) for m, rs in runs.items()}
         for mode, rs in runs.items():
             each = ", ".join(f"{median_steady(r['seconds']):.2f}" for r in rs)
-            print(f"{name:<12} {mode:<9} {med[mode]:8.2f} {rs[-1]['val_accuracy']:8.4f} {rs[-1]['gflop'] / med[mode]:8.1f}"
+            print(f"{name:<12} {label[mode]:<9} {med[mode]:8.2f} {rs[-1]['val_accuracy']:8.4f} {rs[-1]['gflop'] / med[mode]:8.1f}"
                   f"   (rounds: {each})")
-        ratios = [median_steady(p["seconds"]) / median_steady(q["seconds"]) for p, q in zip(runs["plain"], runs["pipeline"])]
-        print(f"{name:<12} speed-up  {med['plain'] / med['pipeline']:7.2f}x   (per round: "
+        ratios = [median_steady(p["seconds"]) / median_steady(q["seconds"]) for p, q in zip(runs[other], runs["pipeline"])]
+        print(f"{name:<12} speed-up  {med[other] / med['pipeline']:7.2f}x   (per round: "
               f"{', '.join(f'{x:.2f}x' for x in ratios)}; {runs['pipeline'][-1]['gflop']:.0f} GFLOP of matrix products "
               f"per epoch)", flush=True)
     return 0

@@ -18,22 +18,23 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(s.name, help=s.description)
         if s.foreach:
             p.add_argument("name", help=f"which entry of '{s.foreach}' in params.yaml")
-        p.add_argument("--params", default=None, help="params file (default: params.yaml or $PARAMS_FILE)")
-        p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a param for this run only, e.g. -S data.valid_size=100")
+        _params_args(p)
         p.add_argument("--bind", action="append", default=[], metavar="ARG=PATH",
                        help=f"read/write this path instead of the DVC workspace's ({', '.join(s.paths)})")
     sub.add_parser("render-dvc", help="print dvc.yaml as rendered from the step registry").add_argument(
         "pipeline", nargs="?", default="main", choices=list(registry.PIPELINES),
         help="main: dvc.yaml (the chapter); cifar10: cifar10/dvc.yaml (exercise 8)")
-    sub.add_parser("check-params", help="validate params.yaml and exit")
+    check = sub.add_parser("check-params", help="validate params.yaml (with the overrides) and exit")
+    check.add_argument("pipeline", nargs="?", default="main", choices=list(registry.PIPELINES),
+                       help="whose schema: main (params.yaml, the default) or cifar10 (cifar10/params.yaml)")
+    _params_args(check)
     args = parser.parse_args(argv)
 
     if args.step == "render-dvc":
         sys.stdout.write(registry.render_dvc_yaml(args.pipeline))
         return 0
     log = setup_logging(args.step)
-    pipeline = registry.PIPELINES["main"] if args.step == "check-params" else registry.pipeline_of(args.step)
+    pipeline = registry.PIPELINES[args.pipeline] if args.step == "check-params" else registry.pipeline_of(args.step)
     try:
         params = load_params(getattr(args, "params", None), getattr(args, "set", None), getattr(config, pipeline.schema))
     except ParamsError as err:
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s: %s", type(err).__name__, err)
         return 1
     return 0
+
+
+def _params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default=None, help="params file (default: params.yaml or $PARAMS_FILE)")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param for this run only, e.g. -S data.valid_size=100; "
+                        "+KEY=VALUE may add a new entry, e.g. -S +experiments.my_elu.model.activation=elu")
 
 
 if __name__ == "__main__":

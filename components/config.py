@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,8 +28,56 @@ class ParamsError(ValueError):
     """params.yaml (or an override) does not fit the schema; the message names each bad key."""
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping holds the same key twice (plain YAML loaders silently keep the last value)."""
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and reads YAML 1.2 floats (``1e-3``, ``1.0e5``) as floats,
+    not strings (the schema takes no string for a number)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:  # the keys as written: '<<' merges may repeat a key (the later one wins)
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader names it below
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise DuplicateKeyError(
+                        f"duplicate key {key!r} on line {line} (first on line {first}) in the mapping that starts on "
+                        f"line {node.start_mark.line + 1}: YAML would silently keep the last value; keep one")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str, source: str = DEFAULT_PARAMS) -> Any:
+    """Parse params YAML with ``ParamsLoader``; a duplicate key or a syntax error is a ``ParamsError``."""
+    try:
+        return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as err:
+        raise ParamsError(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{source} is not valid YAML: {err}") from None
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every section: unknown keys are errors; ``true`` is not an int nor ``1`` a bool (strict), yet an int is a
+    float (``learning_rate: 1``); ``.inf`` / ``.nan`` are not numbers here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class FileSpec(Strict):
@@ -354,6 +404,8 @@ class Tuning(Strict):
     intra_op_threads: int = Field(0, ge=0, description="0 = TensorFlow's default")
     inter_op_threads: int = Field(0, ge=0, description="0 = TensorFlow's default")
     mixed_precision: bool = Field(False, description="mixed_float16 on a GPU (ignored on a CPU)")
+    tf_data_autotune: bool = Field(True, description="tf.data's autotuning (its default); off: batches made inline, "
+                                   "no prefetch or tuning thread")
 
     @field_validator("jit_compile", mode="before")
     @classmethod
@@ -378,7 +430,7 @@ class Runtime(Strict):
     ``cluster`` is TensorFlow's defaults, for Kubeflow's CPU and GPU pods. The profile is picked by where the step
     runs (``where_running``), not in params."""
 
-    local: Tuning = Tuning(intra_op_threads=1, inter_op_threads=2)
+    local: Tuning = Tuning(intra_op_threads=1, inter_op_threads=2, tf_data_autotune=False)
     cluster: Tuning = Tuning(jit_compile="off")
     deterministic: bool = True
     eval_batch_size: int = Field(1000, gt=0)
@@ -563,18 +615,64 @@ def resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _format_errors(err: ValidationError, source: str, schema: type[Params] = Params) -> str:
-    lines = [f"{source} does not fit the params schema ({err.error_count()} problem(s)); nothing was run:"]
+def _inherited(entry: Any, defaults: Any, path: tuple[Any, ...]) -> bool:
+    """True when the value at ``path`` of a merged entry came from ``defaults`` alone (the entry does not set it)."""
+    e, d = entry, defaults
+    for part in path:
+        if not isinstance(e, dict):
+            return False  # the entry's own value: a list, a scalar, a shorthand such as ``relu``
+        if part in e:
+            e, d = e[part], (d.get(part) if isinstance(d, dict) else None)
+        elif isinstance(d, dict) and part in d:
+            return True
+        # else: in neither, a tag pydantic put into the location (a union member's name): skip it
+    return False
+
+
+def _defaults_loc(loc: tuple[Any, ...], raw: Any) -> tuple[Any, ...] | None:
+    """``('defaults', *path)`` when the error at ``loc`` (in an experiment or a transfer model, where ``defaults``
+    is merged) is about a value that entry inherited from ``defaults``; else None."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("defaults"), dict) or len(loc) < 2:
+        return None
+    if loc[0] == "experiments" and isinstance(raw.get("experiments"), dict):
+        entry = raw["experiments"].get(loc[1])
+    elif loc[0] == "transfer" and loc[1] in ("model_a", "model_b") and isinstance(raw.get("transfer"), dict):
+        entry = raw["transfer"].get(loc[1])
+    else:
+        return None
+    if isinstance(entry, dict) and _inherited(entry, raw["defaults"], loc[2:]):
+        return ("defaults", *loc[2:])
+    return None
+
+
+def _format_errors(err: ValidationError, source: str, schema: type[Params] = Params, raw: Any = None) -> str:
+    """One line per problem. A bad value under ``defaults`` is one problem named ``defaults.<key>`` (with the
+    entries that inherit it), not one per experiment. ``raw``: the params before ``defaults`` were merged."""
+    problems: list[list[Any]] = []  # [message, keys of the entries inheriting it from defaults (or None)]
+    from_defaults: dict[str, list[str]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        loc = tuple(e["loc"])
+        shown = _defaults_loc(loc, raw)
+        key = ".".join(str(p) for p in (shown or loc))
         if e["type"] == "extra_forbidden":
-            parent = e["loc"][:-1]
-            allowed = _allowed_keys(parent, schema)
+            allowed = _allowed_keys(loc[:-1], schema)
             msg = f"unknown key '{key}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-            msg = f"'{key}': {e['msg']}{shown}"
+            shown_got = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            msg = f"'{key}': {e['msg']}{shown_got}"
+        if shown is None:
+            problems.append([msg, None])
+        elif msg in from_defaults:
+            from_defaults[msg].append(".".join(str(p) for p in loc))
+        else:
+            from_defaults[msg] = [".".join(str(p) for p in loc)]
+            problems.append([msg, from_defaults[msg]])
+    lines = [f"{source} does not fit the params schema ({len(problems)} problem(s)); nothing was run:"]
+    for msg, where in problems:
+        if where:
+            more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+            msg += f" (inherited by {len(where)} entr{'y' if len(where) == 1 else 'ies'}: '{where[0]}'{more})"
         lines.append(f"  - {msg}")
     return "\n".join(lines)
 
@@ -604,6 +702,44 @@ def _model_of(ann: Any) -> Any:
     return None
 
 
+def _entry_model(ann: Any) -> Any:
+    """The model of the entries when ``ann`` is a mapping of names to models (``experiments``), else None."""
+    if get_origin(ann) is dict:
+        args = get_args(ann)
+        value = args[1] if len(args) == 2 else None
+        return value if isinstance(value, type) and issubclass(value, BaseModel) else None
+    if get_origin(ann) in (Union, types.UnionType):
+        for arg in get_args(ann):
+            m = _entry_model(arg)
+            if m is not None:
+                return m
+    return None
+
+
+def _refuse_new_entries(raw: Any, keys: list[str], schema: type[Params], text: str, source: str) -> None:
+    """An override may set any key of the schema, present in the file or not, but not bring in a new entry of a
+    mapping of named entries (``experiments``): ``experiments.elu_typo.train.epochs=3`` would train a new,
+    defaults-only experiment. ``+key=value`` asks for the new entry."""
+    model: Any = schema
+    cur: Any = raw
+    entries: Any = None  # the model of the entries when ``cur`` maps names to entries
+    for i, k in enumerate(keys):
+        if entries is not None:
+            if not (isinstance(cur, dict) and k in cur):
+                section = ".".join(keys[:i])
+                names = ", ".join(str(n) for n in cur) if isinstance(cur, dict) and cur else "none"
+                raise ParamsError(
+                    f"override {text!r}: there is no {k!r} in '{section}' of {source} (its entries: {names}); "
+                    f"a typo? To add a new entry, prefix the key with '+': -S +{text}")
+            model, entries = entries, None
+        else:
+            field = getattr(model, "model_fields", {}).get(k) if model is not None else None
+            ann = field.annotation if field is not None else None
+            entries = _entry_model(ann)
+            model = None if entries is not None else _model_of(ann)
+        cur = cur.get(k) if isinstance(cur, dict) else None
+
+
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     cur = d
@@ -615,11 +751,25 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``key.sub=value`` with the value parsed as YAML (``epochs=3`` gives an int)."""
+    """``key.sub=value`` with the value parsed as YAML (``epochs=3`` gives an int); the key keeps a leading ``+``."""
     if "=" not in text:
         raise ParamsError(f"override {text!r} must look like key.subkey=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), load_yaml(raw, f"override {text!r}")
+
+
+def apply_override(raw: dict[str, Any], text: str, schema: type[Params] = Params, source: str = DEFAULT_PARAMS) -> None:
+    """Set ``key.sub=value`` in ``raw`` (in place). ``+key.sub=value`` may also add a new named entry (a new
+    experiment); without the ``+`` that is an error naming the entry and the existing ones."""
+    key, value = parse_override(text)
+    create = key.startswith("+")
+    key = key[1:].strip() if create else key
+    keys = key.split(".")
+    if not all(k.strip() for k in keys):
+        raise ParamsError(f"override {text!r}: empty key in {key!r}")
+    if not create:
+        _refuse_new_entries(raw, keys, schema, text, source)
+    _set_dotted(raw, key, value)
 
 
 def validate_params(raw: dict[str, Any], source: str = DEFAULT_PARAMS, schema: type[Params] = Params) -> Params:
@@ -628,21 +778,22 @@ def validate_params(raw: dict[str, Any], source: str = DEFAULT_PARAMS, schema: t
     try:
         return schema.model_validate(resolve_defaults(raw))
     except ValidationError as err:
-        raise ParamsError(_format_errors(err, source, schema)) from None
+        raise ParamsError(_format_errors(err, source, schema, raw)) from None
 
 
-def load_raw(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def load_raw(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None, schema: type[Params] = Params
+) -> dict[str, Any]:
+    """The params file as a dict (duplicate keys refused), with the overrides applied (see ``apply_override``)."""
     path = Path(path or os.environ.get("PARAMS_FILE", DEFAULT_PARAMS))
     if not path.exists():
         raise ParamsError(f"params file {path} not found (run from the repository root, or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    raw = load_yaml(path.read_text(), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a YAML mapping at the top level")
     raw = copy.deepcopy(raw)
     for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
+        apply_override(raw, item, schema, str(path))
     return raw
 
 
@@ -650,5 +801,5 @@ def load_params(
     path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None, schema: type[Params] = Params
 ) -> Params:
     """Read, override (``key=value``) and validate params; raise ``ParamsError`` naming the bad keys."""
-    raw = load_raw(path, overrides)
+    raw = load_raw(path, overrides, schema)
     return validate_params(raw, str(path or os.environ.get("PARAMS_FILE", DEFAULT_PARAMS)), schema)

@@ -37,7 +37,7 @@ def train_experiment(
     callbacks: list | None = None,
 ) -> tuple[Any, dict[str, Any], list[dict], dict[str, Any]]:
     """Pure-ish core: spec + data in → (model, metrics, history, extras). No files except the resume state."""
-    from .models import build_model, learning_rate, output_for
+    from .models import build_model, build_optimizer, learning_rate, output_for
 
     seed = params.seed if seed is None else seed
     train.configure(params.runtime)
@@ -55,7 +55,8 @@ def train_experiment(
     model = build()
     steps = -(-len(data.x["train"]) // exp.train.batch_size)
     lr = learning_rate(exp.optimizer, exp.schedule, steps, exp.train.epochs, max_lr)
-    train.compile_model(model, exp, params.runtime, lr, loss, steps)
+    model.compile(loss=loss, optimizer=build_optimizer(exp.optimizer, lr), metrics=["accuracy"],
+                  **train.compile_options(exp, params.runtime, steps))
     key = train.state_key(name, exp.model_dump(), seed, data.fingerprint, params.runtime.model_dump(), max_lr)
     ckpt = train.Checkpoint(Path(params.runtime.checkpoint_dir) / f"{name}-{key}")
     callbacks = list(callbacks or [])

@@ -75,22 +75,6 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class ExponentialRange(keras.optimizers.schedules.LearningRateSchedule):
-    """LR-range test: lr grows exponentially from ``min_lr`` to ``max_lr`` over ``steps``."""
-
-    def __init__(self, min_lr: float, max_lr: float, steps: int):
-        self.min_lr, self.max_lr, self.steps = float(min_lr), float(max_lr), int(steps)
-
-    def __call__(self, step):
-        ops = keras.ops
-        frac = ops.cast(step, "float32") / float(max(self.steps - 1, 1))
-        return self.min_lr * ops.exp(frac * math.log(self.max_lr / self.min_lr))
-
-    def get_config(self) -> dict[str, Any]:
-        return {"min_lr": self.min_lr, "max_lr": self.max_lr, "steps": self.steps}
-
-
 def initializer(spec: Initializer, seed: int | None = None) -> keras.initializers.Initializer:
     if spec.name == "variance_scaling":
         return keras.initializers.VarianceScaling(spec.scale, spec.mode, spec.distribution, seed=seed)

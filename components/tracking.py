@@ -113,7 +113,7 @@ def dvc_repo_lock(root: Path, timeout: float = 120.0) -> Iterator[bool]:
     what DVC writes under it; yields whether it is held.
 
     DVC rewrites dvc.lock in place (truncate, then write) under this lock when a stage finishes. With stages
-    running at once (``components.repro``), a stage that reads dvc.lock unlocked can see half a file: a
+    running at once (``tools/repro.py``), a stage that reads dvc.lock unlocked can see half a file: a
     YAML error, or worse a hash cut short. DVC releases the lock while a stage's command runs, so the wait
     is only for another stage's bookkeeping. A repo without ``.dvc/tmp`` (or with ``core.hardlink_lock``,
     a flufl lock this one does not exclude) yields False and the caller reads unlocked.
@@ -300,8 +300,10 @@ class Tracker:
                              outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.output_shape[-1]))]))
         reqs = [f"{p}=={v}" for p, v in ((k.split('.', 1)[1], v) for k, v in package_versions().items())
                 if p in ("tensorflow", "keras")]
-        with _active(self.run_id):
-            return mlflow.keras.log_model(model, name=name, signature=sig, pip_requirements=reqs,
+        from .train import plain_copy
+
+        with _active(self.run_id):  # the network alone, as in the .keras file: no optimizer or schedule of ours
+            return mlflow.keras.log_model(plain_copy(model), name=name, signature=sig, pip_requirements=reqs,
                                           registered_model_name=registered_name)
 
 
@@ -353,7 +355,7 @@ def parent_run(client, experiment_id: str) -> str:
         return existing
     own = client.create_run(experiment_id, tags={TAG_PIPELINE: key, TAG_STEP: "pipeline",
                                                  "mlflow.runName": f"pipeline {key[:40]}", **git_state()}).info.run_id
-    # Stages run in parallel (components.repro, Kubeflow): two may have created a parent at the same time.
+    # Stages run in parallel (tools/repro.py, Kubeflow): two may have created a parent at the same time.
     # Every one of them settles on the earliest; the others delete their own, so there is one parent.
     chosen = first() or own
     if chosen != own:

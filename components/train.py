@@ -36,6 +36,7 @@ from .io import atomic_path, write_json
 log = logging.getLogger("components.train")
 
 _CONFIGURED = False
+_TF_DATA_AUTOTUNE = True  # the profile's tf_data_autotune, set by configure()
 FAULT_ENV = "CH11_FAULT_KILL_AFTER_EPOCH"
 
 
@@ -46,13 +47,14 @@ class TrainingDiverged(RuntimeError):
 def configure(runtime: Runtime) -> None:
     """Threads, precision and determinism of this process's profile (``runtime.tuning``: ``local`` on this kind of
     box, ``cluster`` in a Kubeflow pod); must run before TensorFlow executes any op (once per process)."""
-    global _CONFIGURED
+    global _CONFIGURED, _TF_DATA_AUTOTUNE
     if _CONFIGURED:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     tuning = runtime.tuning
+    _TF_DATA_AUTOTUNE = tuning.tf_data_autotune
     try:
         if tuning.intra_op_threads:
             tf.config.threading.set_intra_op_parallelism_threads(tuning.intra_op_threads)
@@ -141,21 +143,16 @@ def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, firs
             ds = ds.concatenate(tf.data.Dataset.from_tensors((xe[cut:], ye[cut:])))
         return ds
 
-    # No prefetch: a batch is made inline, cheaper than handed over from a tf.data thread (measured: 2.44 vs
-    # 2.57 s/epoch on the dropout MLP, 0.08 s less CPU per epoch, the same batches); three stages share two
-    # cores, so there is no idle core for a prefetch thread to use anyway.
     return inline(tf.data.Dataset.from_tensor_slices(orders).flat_map(epoch))
 
 
 def inline(ds):
-    """``ds`` with tf.data's autotuning off, so that its batches really are made inline.
-
-    With autotuning on (tf.data's default), TensorFlow injects a prefetch after the last map anyway and runs
-    a tuning thread beside it. On two cores that costs steps: the 100-layer net's step went from ~4.0 to
-    6.36 ms for stretches of a second or more, with the cores idle meanwhile (the same CPU time per step), in
-    about half of the 200-step chunks measured; the small MLP's median step went from 0.75 to 0.62 ms. The
-    batches, their order and the weights are the same bits either way: only the threads that make them change.
-    """
+    """``ds`` with tf.data's autotuning off where the profile says so (``tf_data_autotune: false``), so that its
+    batches really are made inline: with autotuning on (tf.data's default) TensorFlow injects a prefetch and runs a
+    tuning thread beside the training step, which on a 2-core box compete with it. The batches, their order and
+    the weights are the same either way: only the threads that make them change."""
+    if _TF_DATA_AUTOTUNE:
+        return ds
     import tensorflow as tf
 
     opts = tf.data.Options()
@@ -339,37 +336,15 @@ def fused_steps(cap: int, steps_per_epoch: int) -> int:
     return max(d for d in range(1, min(cap, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 
-def compile_model(
-    model, exp: Experiment, runtime: Runtime, lr: Any, loss: str, steps_per_epoch: int, jit: bool | None = None
-) -> None:
-    from .models import build_optimizer
-
-    if jit is None:
-        # auto: XLA for small nets only, and never with dropout: XLA's random-number ops are slow on CPU
-        # (the dropout MLP: 30 s/epoch with XLA, 3 s without)
-        tuning = runtime.tuning
-        jit = tuning.jit_compile == "on" or (
-            tuning.jit_compile == "auto" and exp.model.depth <= tuning.jit_max_depth and exp.model.dropout is None
-        )
-    model.compile(
-        loss=loss,
-        optimizer=build_optimizer(exp.optimizer, lr),
-        metrics=["accuracy"],
-        steps_per_execution=fused_steps(runtime.tuning.steps_per_execution, steps_per_epoch),
-        jit_compile=bool(jit),
-    )
-
-
-def prebuild(model, data: TaskData, batch_size: int) -> None:
-    """Create the compiled metrics' and the optimizer's variables before ``fit`` traces its training step.
-
-    Keras (TensorFlow backend, no distribution strategy) creates them inside the first trace, and a
-    ``tf.function`` that creates variables while tracing traces again: the whole step twice (+0.3 s per stage
-    for the small MLPs, +1.3 s for the 100-layer nets). Keras does exactly this build itself when a
-    distribution strategy is set; it only creates zero-initialized variables, so the weights are unchanged."""
-    build = getattr(model, "_symbolic_build", None)
-    if build is not None:  # a batch's shapes and dtypes, as train_dataset makes it
-        build(data_batch=(data.x["train"][:batch_size], data.y["train"][:batch_size], None))
+def compile_options(exp: Experiment, runtime: Runtime, steps_per_epoch: int) -> dict[str, Any]:
+    """``model.compile``'s speed arguments under this process's runtime profile (never the hyper-parameters):
+    ``steps_per_execution`` train steps per graph call, and XLA (``jit_compile``)."""
+    tuning = runtime.tuning
+    # auto: XLA for small nets only, and never with dropout: XLA's random-number ops are slow on CPU
+    # (the dropout MLP: 30 s/epoch with XLA, 3 s without)
+    jit = tuning.jit_compile == "on" or (
+        tuning.jit_compile == "auto" and exp.model.depth <= tuning.jit_max_depth and exp.model.dropout is None)
+    return {"steps_per_execution": fused_steps(tuning.steps_per_execution, steps_per_epoch), "jit_compile": bool(jit)}
 
 
 def fit(
@@ -406,7 +381,6 @@ def fit(
         cbs.append(_make_saver(checkpoint, history, progress, cbs, restored))
     if start < epochs and not (restored and restored.stopped):
         done = int(model.optimizer.iterations)
-        prebuild(model, data, bs)
         model.fit(
             train_dataset(data.x["train"], data.y["train"], bs, seed, start, epochs),
             validation_data=eval_dataset(data.x["valid"], data.y["valid"], runtime.eval_batch_size),
@@ -468,14 +442,13 @@ def lr_range_test(
     per-batch loss curve and max_lr = lr at the lowest smoothed loss / ``divide_min_by``."""
     import keras
 
-    from .models import ExponentialRange
-
     assert isinstance(exp.schedule, OneCycleSchedule)
     rt = exp.schedule.range_test
     bs = rt.batch_size
     steps = math.ceil(len(data.x["train"]) / bs) * rt.epochs
     model = build()
-    model.compile(loss=loss, optimizer=keras.optimizers.SGD(ExponentialRange(rt.min_lr, rt.max_lr, steps)),
+    lr = keras.optimizers.schedules.ExponentialDecay(rt.min_lr, decay_steps=max(steps - 1, 1), decay_rate=rt.max_lr / rt.min_lr)
+    model.compile(loss=loss, optimizer=keras.optimizers.SGD(lr),
                   metrics=["accuracy"], steps_per_execution=1, jit_compile=False)
     lrs: list[float] = []
     losses: list[float] = []
@@ -492,7 +465,6 @@ def lr_range_test(
             if not math.isfinite(mean) or (len(losses) > 10 and losses[-1] > 4 * min(losses)):
                 self.model.stop_training = True
 
-    prebuild(model, data, bs)
     model.fit(train_dataset(data.x["train"], data.y["train"], bs, seed, 0, rt.epochs), epochs=rt.epochs,
               steps_per_epoch=steps // rt.epochs, callbacks=[Record()], shuffle=False, verbose=0)
     smooth, ema = [], None

@@ -283,7 +283,7 @@ def chapter_repo(tmp_path_factory, debian_dir):
 def chapter_repro(chapter_repo, mlflow_server):
     """The whole chapter as `make repro` runs it (warm stage server, independent stages two at a time through
     `dvc repro`, then a plain `dvc repro` that finds nothing left) in that clone; its output."""
-    proc = run([sys.executable, "tools/warm.py", "run", "--", sys.executable, "-m", "components.repro",
+    proc = run([sys.executable, "tools/warm.py", "run", "--", sys.executable, "tools/repro.py",
                 "--jobs", "2"], cwd=chapter_repo,
                MLFLOW_TRACKING_URI=mlflow_server, CH11_PIPELINE_RUN="tiny-pipeline-1")
     return proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""The whole chapter as `make repro` runs it (components.repro: `dvc repro`, two stages at a time) on tiny params
+"""The whole chapter as `make repro` runs it (tools/repro.py: `dvc repro`, two stages at a time) on tiny params
 (a slice of the real data), against a real MLflow server."""
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ def test_every_stage_runs_and_the_report_holds_every_experiment(repo, repro):
     expected = ["download", "split", "standardize", "model_a", "model_b", "b_on_a", "report"]
     expected += [f"experiment@{n}" for n in params["experiments"]]
     expected += ["mc_dropout", "selu_simulation"]
-    for stage in expected:  # components.repro's progress lines; each stage's own log is in .dvc/tmp/repro-logs/
+    for stage in expected:  # tools/repro.py's progress lines; each stage's own log is in .dvc/tmp/repro-logs/
         assert re.search(rf"done\s+{re.escape(stage)}\b", repro), stage
     assert "Data and pipelines are up to date" in repro  # the closing plain `dvc repro` found nothing left
+    assert "[warm] serving: python -m components experiment " in repro  # stages went through the warm server
     report = json.loads((repo / "metrics/report.json").read_text())
     assert {r["experiment"] for r in report["experiments"]} == set(params["experiments"])
     assert report["transfer"]["seeds"] == params["transfer"]["seeds"]

@@ -1,4 +1,4 @@
-"""components.repro: `dvc repro` with independent stages at once, on a real DVC project in a temporary git repo."""
+"""tools/repro.py: `dvc repro` with independent stages at once, on a real DVC project in a temporary git repo."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,18 @@ from pathlib import Path
 
 import yaml
 
-from .conftest import run
+from .conftest import ROOT, run
+
+REPRO = ROOT / "tools/repro.py"
+
+
+def _repro_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repro", REPRO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # a -> (b, c) -> d: b and c are independent; each stage records when it ran (seconds since the epoch).
 STAGE = ("{py} -c \"import sys,time; t=time.time(); time.sleep({secs}); "
@@ -41,7 +52,7 @@ def _times(path: Path) -> dict[str, tuple[float, float]]:
 
 def test_independent_stages_overlap_and_dvc_finds_nothing_left(tmp_path):
     repo = _project(tmp_path)
-    proc = run([sys.executable, "-m", "components.repro", "--jobs", "2"], cwd=repo)
+    proc = run([sys.executable, str(REPRO), "--jobs", "2"], cwd=repo)
     t = _times(repo / "d.txt")
     assert set(t) == {"a", "b", "c"}
     assert t["b"][0] >= t["a"][1] and t["c"][0] >= t["a"][1]          # after their dependency
@@ -52,17 +63,17 @@ def test_independent_stages_overlap_and_dvc_finds_nothing_left(tmp_path):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"a", "b", "c", "d"}  # both parallel writers' entries kept in dvc.lock
 
-    again = run([sys.executable, "-m", "components.repro", "--jobs", "2"], cwd=repo)
+    again = run([sys.executable, str(REPRO), "--jobs", "2"], cwd=repo)
     assert "0 of 4 stages to run" in again.stdout
     (repo / "seed.txt").write_text("changed\n")  # everything downstream of a changed dep runs again
-    third = run([sys.executable, "-m", "components.repro", "--jobs", "2"], cwd=repo)
+    third = run([sys.executable, str(REPRO), "--jobs", "2"], cwd=repo)
     assert "4 of 4 stages to run" in third.stdout
     assert (repo / "d.txt").read_text().startswith("changed\n")
 
 
 def test_a_failed_stage_stops_what_depends_on_it_and_names_it(tmp_path):
     repo = _project(tmp_path, fail="b", sleep_b=0)
-    proc = run([sys.executable, "-m", "components.repro", "--jobs", "2"], cwd=repo, check=False)
+    proc = run([sys.executable, str(REPRO), "--jobs", "2"], cwd=repo, check=False)
     assert proc.returncode == 1
     assert "FAILED b" in proc.stderr and "not run because of it: d" in proc.stderr
     assert (repo / "c.txt").is_file() and not (repo / "d.txt").exists()
@@ -75,7 +86,7 @@ def test_a_failed_stage_stops_what_depends_on_it_and_names_it(tmp_path):
 def test_stage_order_is_longest_path_first(tmp_path, monkeypatch):
     """A short stage with a long stage behind it goes before a longer stage with nothing behind it; on a fresh
     clone the seconds come from the committed metrics (train_seconds, nested ones summed)."""
-    from components import repro
+    repro = _repro_module()
 
     nodes = ["a", "b", "c", "d"]
     ups = {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b"}}

@@ -167,25 +167,6 @@ def test_confusion_matrix_classes_are_model_predicts(tiny_ws, name):
     np.testing.assert_array_equal(got, want)
 
 
-def test_fit_traces_the_training_step_once(tiny_ws):
-    """Metrics and optimizer slots exist before the first trace, so tf.function does not trace it again."""
-    name = "opt_nadam"  # Nadam: slot variables too
-    p = ws_params(tiny_ws, **{f"experiments.{name}.train.epochs": 1})
-    exp = p.experiments[name]
-    data = train.load_task(tiny_ws / "data/splits", exp.task)
-    model, *_, extras = experiment.train_experiment(name, exp, p, data, experiment.load_scaler_if(exp, tiny_ws / "data/scaler.npz"))
-    extras["checkpoint"].clear()
-    from components.models import learning_rate
-
-    traces = []
-    step = model.train_step
-    model.train_step = lambda batch: traces.append(1) or step(batch)  # runs once per trace (graph mode)
-    steps = -(-len(data.x["train"]) // exp.train.batch_size)
-    train.compile_model(model, exp, p.runtime, learning_rate(exp.optimizer, exp.schedule, steps, 1), "sparse_categorical_crossentropy", steps)
-    train.fit(model, exp, data, p.runtime, 42, 1)
-    assert len(traces) == 1
-
-
 @pytest.mark.parametrize("n, first_epoch, epochs", [(70, 0, 2), (64, 1, 3), (10, 0, 2), (200, 2, 4)])
 def test_batches_are_the_epochs_order_in_slices_of_batch_size(n, first_epoch, epochs):
     """Each epoch's batches are its (seed, epoch) row order cut into batches, the remainder last, the images still

@@ -186,6 +186,7 @@ def _serve_one(conn: socket.socket, digest: str) -> None:
         if req.get("digest") != digest or req.get("pkg") != str(PKG.resolve()):
             conn.sendall(EXIT_MARK + b"stale\n")
             return
+        print(f"[warm] serving: python -m components {' '.join(req['argv'])}", file=sys.stderr, flush=True)
         pid = os.fork()
         if pid == 0:  # child: become the stage process
             code = 1

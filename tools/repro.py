@@ -1,4 +1,5 @@
-"""``python -m components.repro [--jobs N]``: ``dvc repro`` with independent stages running at once.
+"""``python tools/repro.py [--jobs N]``: ``dvc repro`` with independent stages running at once (a local convenience:
+nothing on the step path or in a Kubeflow task uses it).
 
 DVC runs the stages of one ``dvc repro`` one after another. Its documented way to use more cores is to run
 ``dvc repro`` on independent arms of the DAG at the same time
@@ -133,9 +134,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 def prepare_tracking_store() -> None:
     """Create the local sqlite MLflow store before stages start at once (two first writers would race on its
     schema). A server (MLFLOW_TRACKING_URI=http...) needs nothing."""
-    from .tracking import tracking_uri
-
-    uri = tracking_uri()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # as components.tracking
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
                         uri], check=True, capture_output=True)
@@ -220,7 +219,7 @@ def run(jobs: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m components.repro", description=__doc__,
+    p = argparse.ArgumentParser(prog="python tools/repro.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-j", "--jobs", type=int, default=0,
                    help="stages at once (default: $CH11_REPRO_JOBS, else one more than the CPUs, at most 5)")
