@@ -59,14 +59,20 @@ def test_rerun_from_scratch_gives_the_same_hashes(clone):
     assert {p: h for p, h in lock_hashes(clone).items() if p in DATA_OUTS} == before
 
 
-def test_push_and_pull_through_the_default_remote(clone):
-    run(["dvc", "push"], cwd=clone)
-    assert any((clone / "dvcstore").rglob("*")), "nothing was pushed to the default local remote"
-    for d in ("data/raw", "data/splits", ".dvc/cache"):
-        shutil.rmtree(clone / d)
-    run(["dvc", "pull", "--with-deps", "standardize"], cwd=clone)
-    assert (clone / "data" / "splits" / "b_train.parquet").is_file()
-    assert "up to date" in run(["dvc", "status", "standardize"], cwd=clone).stdout
+def test_push_then_pull_into_a_second_clone(clone, tmp_path):
+    """The default remote lives outside the working copy (~/.cache/ch11-pipeline/dvcstore), so another clone on
+    the same machine gets the data back with `dvc pull` and finds the stages up to date."""
+    home = tmp_path / "home"  # the user's ~ for this test: the real ~/.cache is left alone
+    run(["dvc", "push"], cwd=clone, HOME=str(home))
+    assert any((home / ".cache/ch11-pipeline/dvcstore").rglob("*")), "nothing was pushed to the default remote"
+    assert not (clone / "dvcstore").exists()
+    run(["git", "add", "-A"], cwd=clone)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data", "--allow-empty"], cwd=clone)
+    second = tmp_path / "second"
+    run(["git", "clone", "-q", str(clone), str(second)], cwd=tmp_path)
+    run(["dvc", "pull", "--with-deps", "standardize"], cwd=second, HOME=str(home))
+    assert (second / "data" / "splits" / "b_train.parquet").is_file()
+    assert "up to date" in run(["dvc", "status", "standardize"], cwd=second, HOME=str(home)).stdout
 
 
 def test_exp_run_with_set_param(clone):
