@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import config, registry
 from .config import ParamsError, load_params
-from .io import setup_logging
+from .io import Terminated, setup_logging, stop_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(registry.render_dvc_yaml(args.pipeline))
         return 0
     log = setup_logging(args.step)
+    stop_on_sigterm()
     pipeline = registry.PIPELINES[args.pipeline] if args.step == "check-params" else registry.pipeline_of(args.step)
     try:
         params = load_params(getattr(args, "params", None), getattr(args, "set", None), getattr(config, pipeline.schema))
@@ -62,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         paths[key] = Path(path)
     try:
         registry.call(step, params, item, paths)
-    except KeyboardInterrupt:
-        log.error("interrupted; rerun the same command to resume")
-        return 130
+    except KeyboardInterrupt as err:
+        log.error("%s; rerun the same command to resume", "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted")
+        return 143 if isinstance(err, Terminated) else 130
     except Exception as err:  # noqa: BLE001 - one clear line for the user, the traceback with LOGLEVEL=DEBUG
         log.debug("traceback", exc_info=True)
         log.error("%s: %s", type(err).__name__, err)

@@ -49,6 +49,26 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, `kill` and a Kubernetes eviction send), raised like Ctrl-C so that a step ends its
+    MLflow run as KILLED and leaves its resume state, instead of dying with the run left RUNNING."""
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM raises ``Terminated`` in the main thread (a no-op elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def setup_logging(step: str) -> logging.Logger:
     """Log lines a user can read: ``[step] message`` on stderr."""
     logging.basicConfig(

@@ -116,9 +116,10 @@ def run_step(step_name: str, params: str, data_version: str, **artifacts: Any) -
     ``data_version`` (the DVC hash of the raw data) is an input only so that KFP's cache key holds it.
     """
     from .config import load_params
-    from .io import setup_logging
+    from .io import setup_logging, stop_on_sigterm
 
     setup_logging(step_name)
+    stop_on_sigterm()  # a pod's eviction (SIGTERM) ends the step's MLflow run as KILLED
     step = registry.get(step_name)
     expected = set(step.paths)
     if set(artifacts) != expected:

@@ -398,11 +398,13 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
             tracker.log_datasets(inputs)
         yield tracker
     except BaseException as err:
+        stopped = isinstance(err, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (io.stop_on_sigterm): KILLED, resumable
         msg = f"{type(err).__name__}: {err}"[:5000]
         try:
             client.set_tag(run.info.run_id, "error", msg)
-            client.set_tag(run.info.run_id, "mlflow.note.content", f"**Step failed**\n\n```\n{msg}\n```")
-            client.set_terminated(run.info.run_id, "FAILED")
+            what = "Step stopped (rerun it to resume)" if stopped else "Step failed"
+            client.set_tag(run.info.run_id, "mlflow.note.content", f"**{what}**\n\n```\n{msg}\n```")
+            client.set_terminated(run.info.run_id, "KILLED" if stopped else "FAILED")
         finally:
             raise
     client.set_terminated(run.info.run_id, "FINISHED")

@@ -117,6 +117,58 @@ def test_mlflow_hierarchy_metrics_artifacts_lineage_registry(repo, repro, mlflow
     assert "report/report.md" in report_arts
 
 
+PYFUNC_ALONE = """
+import importlib.abc, json, sys
+import numpy as np
+
+
+class NoProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("components", "pipeline", "tests", "tools"):
+            raise ImportError(f"{name} must not be needed to serve a registered model")
+
+
+sys.meta_path.insert(0, NoProject())
+import mlflow
+
+job = json.loads(sys.stdin.read())
+mlflow.set_tracking_uri(job["uri"])
+x = np.load(job["x"]).astype("float32")
+out = {name: np.asarray(mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(x)) for name in job["names"]}
+np.savez(job["out"], **out)
+"""
+
+
+def test_registered_models_serve_with_mlflow_alone(repo, repro, mlflow_server, tmp_path, monkeypatch):
+    """`mlflow.pyfunc.load_model("models:/ch11_<name>@champion")` in a `python -I` without this repository serves
+    every registered model on real test rows (raw pixels), predicting what the registered Keras model predicts."""
+    import subprocess
+
+    import mlflow
+    import numpy as np
+
+    from components.dataset import read_split
+
+    from .conftest import repo_env
+
+    x = read_split(repo / "data/splits/full_test.parquet").x.reshape(-1, 784)[:50]
+    np.save(tmp_path / "x.npy", x)
+    names = ["ch11_model_a", "ch11_b_on_a", "ch11_best_variant"]
+    job = {"uri": mlflow_server, "x": str(tmp_path / "x.npy"), "names": names, "out": str(tmp_path / "out.npz")}
+    env = {k: v for k, v in repo_env().items() if not k.startswith(("PYTHON", "CH11_", "MLFLOW_"))}
+    proc = subprocess.run([sys.executable, "-I", "-c", PYFUNC_ALONE], input=json.dumps(job), cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = dict(np.load(tmp_path / "out.npz"))
+    assert got["ch11_model_a"].shape == (50, 8) and got["ch11_b_on_a"].shape == (50, 1)
+    assert got["ch11_best_variant"].shape == (50, 10)
+    np.testing.assert_allclose(got["ch11_best_variant"].sum(axis=1), 1.0, rtol=1e-4)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    for name in names:
+        here = mlflow.keras.load_model(f"models:/{name}@champion").predict(x.astype("float32"), verbose=0)
+        np.testing.assert_allclose(got[name], here, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_second_repro_is_a_no_op(repo, repro):
     out = run(["dvc", "repro"], cwd=repo).stdout
     assert "Running stage" not in out

@@ -225,7 +225,12 @@ def _serve_one(conn: socket.socket, digest: str) -> None:
                     pass
                 return
             readable, _, _ = select.select([conn], [], [], 0.2)
-            if readable and not conn.recv(1, socket.MSG_PEEK):
+            if readable and not conn.recv(1, socket.MSG_PEEK):  # the client is gone: stop the stage as it would
+                os.killpg(pid, signal.SIGTERM)  # stop: its MLflow run ends KILLED, its resume state stays
+                for _ in range(100):
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        return
+                    time.sleep(0.1)
                 os.killpg(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 return
