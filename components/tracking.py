@@ -363,9 +363,25 @@ def parent_run(client, experiment_id: str) -> str:
     return chosen
 
 
+def source_tags(step: str, commit: str) -> dict[str, str]:
+    """MLflow's own source and user tags (the Source and User columns of the run list)."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        user = "unknown"
+    tags = {"mlflow.source.name": f"python -m components {step}", "mlflow.user": user,
+            "mlflow.source.type": "JOB" if os.environ.get("KFP_RUN_ID") else "LOCAL"}
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def _base_tags(step: str, params: Params, inputs: list[str]) -> dict[str, Any]:
-    tags = {TAG_STEP: step, TAG_PIPELINE: pipeline_run_key(), **git_state(), "params.sha256": params_hash(),
-            "device": device(), **package_versions()}
+    git = git_state()
+    tags = {TAG_STEP: step, TAG_PIPELINE: pipeline_run_key(), **git, "params.sha256": params_hash(),
+            "device": device(), **package_versions(), **source_tags(step, git["git.commit"])}
     if os.environ.get("KFP_RUN_ID"):
         tags["kfp.run_id"] = os.environ["KFP_RUN_ID"]
     if os.environ.get("CH11_DATA_VERSION"):

@@ -101,6 +101,8 @@ def test_mlflow_hierarchy_metrics_artifacts_lineage_registry(repo, repro, mlflow
         assert r.data.params["experiment"] == name and "model.hidden.0.units" in r.data.params
         t = r.data.tags
         assert t["git.commit"] == head and t["git.dirty"] in ("true", "false") and len(t["params.sha256"]) == 16
+        assert t["mlflow.source.git.commit"] == head and t["mlflow.source.name"] == "python -m components experiment"
+        assert t["mlflow.user"] and t["mlflow.source.type"] == "LOCAL"
         assert t["device"].startswith(("CPU", "GPU")) and t["version.tensorflow"]
         assert t["dvc.md5.data/splits"] == lock_md5["data/splits"]
         inputs = {d.dataset.name: d.dataset.digest for d in r.inputs.dataset_inputs}
