@@ -48,3 +48,17 @@ def test_cifar10_is_not_part_of_the_main_pipeline():
     assert not main & {s.name for s in registry.CIFAR10_STEPS}
     assert "cifar10" not in (ROOT / "dvc.yaml").read_text()
     assert (ROOT / "cifar10" / ".dvc" / "config").is_file(), "cifar10/ must be a DVC project of its own (dvc init --subdir)"
+
+
+@pytest.mark.parametrize("step", [s for p in PIPELINES for s in p.steps], ids=lambda s: s.name)
+def test_each_step_function_takes_exactly_the_registry_names(step):
+    """The registry is the one list of a step's inputs and outputs: its function's arguments are those names (plus
+    params, and the foreach entry's name), as `registry.call` passes them for DVC and Kubeflow alike."""
+    import importlib
+    import inspect
+
+    fn = getattr(importlib.import_module(f"components.{step.module}"), step.entry)
+    expected = set(step.paths) | ({"name"} if step.foreach else set())
+    parameters = inspect.signature(fn).parameters
+    required = {n for n, p in parameters.items() if p.default is inspect.Parameter.empty} - {"params"}
+    assert required <= expected <= set(parameters) and "params" in parameters, step.name  # (+ options with defaults)
