@@ -11,7 +11,7 @@ Keras model (``components.models.build_model``); only the training path differs.
 
     python benchmarks/fit_speed.py                       # both models, after `dvc repro standardize`
     python benchmarks/fit_speed.py --experiments leaky_relu --epochs 3
-    python benchmarks/fit_speed.py --without jit_compile=off   # A/B of one speed setting of runtime.local
+    python benchmarks/fit_speed.py --without steps_per_execution=1   # A/B of one speed setting of runtime.local
 
 ``--without KEY=VALUE[,KEY=VALUE]`` compares the pipeline with the pipeline whose ``runtime.local`` settings are
 overridden (a speed setting switched off) instead of with the plain fit: what that one setting gives.

@@ -396,21 +396,13 @@ class MCDropout(Strict):
 
 
 class Tuning(Strict):
-    """How fast, not what: none of these change the hyper-parameters (batch size, epochs) or reach a saved model."""
+    """How fast, not what: none of these change the hyper-parameters (batch size, epochs) or reach a saved model.
+    What is not here is Keras' and TensorFlow's default (XLA: Keras' "auto", on for GPUs; tf.data's autotuning)."""
 
     steps_per_execution: int = Field(1000, gt=0, description="train steps fused into one graph call")
-    jit_compile: Literal["auto", "on", "off"] = Field("auto", description="XLA; auto = on for nets of <= jit_max_depth layers")
-    jit_max_depth: int = Field(10, gt=0)
     intra_op_threads: int = Field(0, ge=0, description="0 = TensorFlow's default")
     inter_op_threads: int = Field(0, ge=0, description="0 = TensorFlow's default")
     mixed_precision: bool = Field(False, description="mixed_float16 on a GPU (ignored on a CPU)")
-    tf_data_autotune: bool = Field(True, description="tf.data's autotuning (its default); off: batches made inline, "
-                                   "no prefetch or tuning thread")
-
-    @field_validator("jit_compile", mode="before")
-    @classmethod
-    def _yaml_bool(cls, v: Any) -> Any:
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
 PROFILE_ENV = "CH11_RUNTIME_PROFILE"
@@ -430,8 +422,8 @@ class Runtime(Strict):
     ``cluster`` is TensorFlow's defaults, for Kubeflow's CPU and GPU pods. The profile is picked by where the step
     runs (``where_running``), not in params."""
 
-    local: Tuning = Tuning(intra_op_threads=1, inter_op_threads=2, tf_data_autotune=False)
-    cluster: Tuning = Tuning(jit_compile="off")
+    local: Tuning = Tuning(intra_op_threads=1, inter_op_threads=2)
+    cluster: Tuning = Tuning()
     deterministic: bool = True
     eval_batch_size: int = Field(1000, gt=0)
     checkpoint_dir: str = Field(".checkpoints", description="resume state of interrupted training (not a DVC output)")

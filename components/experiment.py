@@ -56,7 +56,7 @@ def train_experiment(
     steps = -(-len(data.x["train"]) // exp.train.batch_size)
     lr = learning_rate(exp.optimizer, exp.schedule, steps, exp.train.epochs, max_lr)
     model.compile(loss=loss, optimizer=build_optimizer(exp.optimizer, lr), metrics=["accuracy"],
-                  **train.compile_options(exp, params.runtime, steps))
+                  **train.compile_options(params.runtime, steps))
     key = train.state_key(name, exp.model_dump(), seed, data.fingerprint, params.runtime.model_dump(), max_lr)
     ckpt = train.Checkpoint(Path(params.runtime.checkpoint_dir) / f"{name}-{key}")
     callbacks = list(callbacks or [])

@@ -1,9 +1,9 @@
 """The training loop every experiment uses: Keras ``fit`` with the book's batch size and epochs, made fast,
 deterministic, resumable and safe.
 
-* **Fast**: the data lives in memory as uint8 and is gathered per batch in-graph; ``steps_per_execution``
-  fuses many train steps into one graph call; XLA for small nets; one intra-op thread (tiny matmuls
-  lose more to thread hand-offs than they gain on 2 cores). None of this changes the batch size,
+* **Fast**: the data lives in memory as uint8, each epoch's rows gathered once in-graph and sliced into batches;
+  ``steps_per_execution`` fuses many train steps into one graph call; the local profile's threads (one per op:
+  tiny matmuls lose more to thread hand-offs than they gain on 2 cores). None of this changes the batch size,
   the number of steps or the epochs: every update is still one batch of ``batch_size`` images.
 * **Deterministic**: seeds from params, TensorFlow's deterministic ops, and a shuffle order that is a
   pure function of (seed, epoch), so the same params and data give bit-identical weights.
@@ -36,7 +36,6 @@ from .io import atomic_path, write_json
 log = logging.getLogger("components.train")
 
 _CONFIGURED = False
-_TF_DATA_AUTOTUNE = True  # the profile's tf_data_autotune, set by configure()
 FAULT_ENV = "CH11_FAULT_KILL_AFTER_EPOCH"
 
 
@@ -47,14 +46,13 @@ class TrainingDiverged(RuntimeError):
 def configure(runtime: Runtime) -> None:
     """Threads, precision and determinism of this process's profile (``runtime.tuning``: ``local`` on this kind of
     box, ``cluster`` in a Kubeflow pod); must run before TensorFlow executes any op (once per process)."""
-    global _CONFIGURED, _TF_DATA_AUTOTUNE
+    global _CONFIGURED
     if _CONFIGURED:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     tuning = runtime.tuning
-    _TF_DATA_AUTOTUNE = tuning.tf_data_autotune
     try:
         if tuning.intra_op_threads:
             tf.config.threading.set_intra_op_parallelism_threads(tuning.intra_op_threads)
@@ -143,31 +141,15 @@ def train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, firs
             ds = ds.concatenate(tf.data.Dataset.from_tensors((xe[cut:], ye[cut:])))
         return ds
 
-    return inline(tf.data.Dataset.from_tensor_slices(orders).flat_map(epoch))
-
-
-def inline(ds):
-    """``ds`` with tf.data's autotuning off where the profile says so (``tf_data_autotune: false``), so that its
-    batches really are made inline: with autotuning on (tf.data's default) TensorFlow injects a prefetch and runs a
-    tuning thread beside the training step, which on a 2-core box compete with it. The batches, their order and
-    the weights are the same either way: only the threads that make them change."""
-    if _TF_DATA_AUTOTUNE:
-        return ds
-    import tensorflow as tf
-
-    opts = tf.data.Options()
-    opts.autotune.enabled = False
-    opts.experimental_optimization.inject_prefetch = False
-    return ds.with_options(opts)
+    return tf.data.Dataset.from_tensor_slices(orders).flat_map(epoch)
 
 
 def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int):
     import tensorflow as tf
 
     xt, yt = tf.constant(x), tf.constant(y)
-    return inline(tf.data.Dataset.range(len(x)).batch(batch_size).map(
-        lambda i: (tf.cast(tf.gather(xt, i), tf.float32), tf.gather(yt, i))
-    ))
+    return tf.data.Dataset.range(len(x)).batch(batch_size).map(
+        lambda i: (tf.cast(tf.gather(xt, i), tf.float32), tf.gather(yt, i)))
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -336,15 +318,10 @@ def fused_steps(cap: int, steps_per_epoch: int) -> int:
     return max(d for d in range(1, min(cap, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 
-def compile_options(exp: Experiment, runtime: Runtime, steps_per_epoch: int) -> dict[str, Any]:
+def compile_options(runtime: Runtime, steps_per_epoch: int) -> dict[str, Any]:
     """``model.compile``'s speed arguments under this process's runtime profile (never the hyper-parameters):
-    ``steps_per_execution`` train steps per graph call, and XLA (``jit_compile``)."""
-    tuning = runtime.tuning
-    # auto: XLA for small nets only, and never with dropout: XLA's random-number ops are slow on CPU
-    # (the dropout MLP: 30 s/epoch with XLA, 3 s without)
-    jit = tuning.jit_compile == "on" or (
-        tuning.jit_compile == "auto" and exp.model.depth <= tuning.jit_max_depth and exp.model.dropout is None)
-    return {"steps_per_execution": fused_steps(tuning.steps_per_execution, steps_per_epoch), "jit_compile": bool(jit)}
+    ``steps_per_execution`` train steps per graph call. XLA stays Keras' default ("auto": off on a CPU)."""
+    return {"steps_per_execution": fused_steps(runtime.tuning.steps_per_execution, steps_per_epoch)}
 
 
 def fit(
@@ -449,7 +426,7 @@ def lr_range_test(
     model = build()
     lr = keras.optimizers.schedules.ExponentialDecay(rt.min_lr, decay_steps=max(steps - 1, 1), decay_rate=rt.max_lr / rt.min_lr)
     model.compile(loss=loss, optimizer=keras.optimizers.SGD(lr),
-                  metrics=["accuracy"], steps_per_execution=1, jit_compile=False)
+                  metrics=["accuracy"], steps_per_execution=1)
     lrs: list[float] = []
     losses: list[float] = []
 

@@ -128,7 +128,7 @@ def train_b_on_a(params: Params, model_a, data: train.TaskData, seed: int, on_ph
     def compile_(lr: float) -> None:
         opt = exp.optimizer.model_copy(update={"learning_rate": lr})
         model.compile(loss="binary_crossentropy", optimizer=build_optimizer(opt, lr), metrics=["accuracy"],
-                      steps_per_execution=train.fused_steps(rt.tuning.steps_per_execution, steps), jit_compile=False)
+                      **train.compile_options(rt, steps))
 
     base = Path(rt.checkpoint_dir)
     key = train.state_key("b_on_a", cfg.model_dump(), exp.model_dump(), seed, data.fingerprint, weights_digest(model_a))

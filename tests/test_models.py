@@ -134,7 +134,7 @@ def raw():
         (lambda r: r["experiments"]["lr_power"]["schedule"].update(kind="cosine"), "experiments.lr_power.schedule"),
         (lambda r: r["mc_dropout"].update(sources=["elu"]), "experiment 'elu' has no dropout to sample"),
         (lambda r: r["transfer"].update(seeds=[]), "'transfer.seeds'"),
-        (lambda r: r["runtime"].update(jit_compile="yes"), "'runtime.jit_compile'"),
+        (lambda r: r["runtime"]["local"].update(steps_per_execution="yes"), "'runtime.local.steps_per_execution'"),
     ],
 )
 def test_invalid_specs_are_named(mutate, expected):

@@ -49,17 +49,14 @@ def test_booleans_are_not_numbers_nor_numbers_booleans(mutate, expected):
     assert expected in problems(r)
 
 
-def test_an_int_is_still_a_float_and_on_off_still_a_jit_setting():
+def test_an_int_is_still_a_float():
     r = raw()
     r["experiments"]["opt_adam"]["optimizer"]["learning_rate"] = 1
-    r["runtime"]["local"]["jit_compile"] = True  # YAML `on`
-    r["runtime"]["cluster"]["jit_compile"] = False  # YAML `off`
     p = validate_params(r)
     lr = p.experiments["opt_adam"].optimizer.learning_rate
     assert lr == 1.0 and isinstance(lr, float)
-    assert (p.runtime.local.jit_compile, p.runtime.cluster.jit_compile) == ("on", "off")
-    p = load_params(PARAMS, ["experiments.elu.optimizer.learning_rate=1", "runtime.local.jit_compile=off"])
-    assert p.experiments["elu"].optimizer.learning_rate == 1.0 and p.runtime.local.jit_compile == "off"
+    p = load_params(PARAMS, ["experiments.elu.optimizer.learning_rate=1"])
+    assert p.experiments["elu"].optimizer.learning_rate == 1.0
 
 
 def test_yaml_1_2_floats_are_floats():
@@ -235,7 +232,7 @@ def test_plus_adds_a_new_experiment_built_on_defaults():
         ("experiments.opt_sgd.train.epochs=3", lambda p: p.experiments["opt_sgd"].train.epochs == 3),  # not in the file
         ("experiments.elu.train.diagnostics.enabled=true", lambda p: p.experiments["elu"].train.diagnostics.enabled),
         ("runtime.checkpoint_dir=/tmp/ckpt", lambda p: p.runtime.checkpoint_dir == "/tmp/ckpt"),
-        ("runtime.local.tf_data_autotune=true", lambda p: p.runtime.local.tf_data_autotune),
+        ("runtime.cluster.mixed_precision=true", lambda p: p.runtime.cluster.mixed_precision),
         ("mlflow.enabled=false", lambda p: p.mlflow.enabled is False),
         ("kubeflow.checkpoints.pvc=ch11-ckpt", lambda p: p.kubeflow.checkpoints.pvc == "ch11-ckpt"),
         ("kubeflow.gpu.node_selector.pool=gpu-a", lambda p: p.kubeflow.gpu.node_selector["pool"] == "gpu-a"),

@@ -185,27 +185,6 @@ def test_batches_are_the_epochs_order_in_slices_of_batch_size(n, first_epoch, ep
         np.testing.assert_array_equal(gy, wy)
 
 
-def test_batches_are_made_inline_without_tf_datas_autotuner():
-    """tf.data's autotuner (on by default) injects a prefetch thread and a tuning thread; on two cores that
-    stretched the 100-layer net's step from ~4 to 6.36 ms. Both datasets turn it off and give the same batches."""
-    import tensorflow as tf
-
-    x = np.arange(70 * 6, dtype=np.uint8).reshape(70, 6)
-    y = np.arange(70, dtype=np.int32)
-    tuned = tf.data.Options()
-    tuned.autotune.enabled = True
-    tuned.experimental_optimization.inject_prefetch = True
-    for ds in (train.train_dataset(x, y, 32, 7, 0, 2), train.eval_dataset(x, y, 16)):
-        assert ds.options().autotune.enabled is False
-        assert ds.options().experimental_optimization.inject_prefetch is False
-        got = [(bx.numpy(), by.numpy()) for bx, by in ds]
-        want = [(bx.numpy(), by.numpy()) for bx, by in ds.with_options(tuned)]
-        assert len(got) == len(want) > 1
-        for (gx, gy), (wx, wy) in zip(got, want):
-            np.testing.assert_array_equal(gx, wx)
-            np.testing.assert_array_equal(gy, wy)
-
-
 def test_the_runtime_profile_follows_where_the_step_runs(monkeypatch):
     """This box's tuning locally; TensorFlow's defaults in a Kubeflow pod (Kubernetes sets KUBERNETES_SERVICE_HOST)."""
     from components.config import ParamsError, load_params, where_running
@@ -217,14 +196,14 @@ def test_the_runtime_profile_follows_where_the_step_runs(monkeypatch):
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     assert where_running() == "cluster"
     t = p.runtime.tuning
-    assert (t.intra_op_threads, t.inter_op_threads, t.jit_compile) == (0, 0, "off")
+    assert (t.intra_op_threads, t.inter_op_threads) == (0, 0)
     monkeypatch.setenv("CH11_RUNTIME_PROFILE", "laptop")
     with pytest.raises(ParamsError, match="CH11_RUNTIME_PROFILE"):
         where_running()
 
 
 def test_the_cluster_profile_trains_the_same_model(tiny_ws):
-    """The cluster profile (TensorFlow's default threads, no XLA) trains the same network: the same layers, and
+    """The cluster profile (TensorFlow's default threads) trains the same network: the same layers, and
     weights equal to the local profile's within rounding (threads change the order of float sums, not the math)."""
     import keras
 
