@@ -134,7 +134,10 @@ def _tail(path: Path, lines: int = 25) -> str:
 def prepare_tracking_store() -> None:
     """Create the local sqlite MLflow store before stages start at once (two first writers would race on its
     schema). A server (MLFLOW_TRACKING_URI=http...) needs nothing."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # as components.tracking
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package (run as a script)
+    from components.tracking import tracking_uri
+
+    uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
                         uri], check=True, capture_output=True)
