@@ -153,7 +153,7 @@ def run(
         metrics = {"experiment": name, "task": exp.task, **metrics}
         if tracker is not None:
             metrics["mlflow_run_id"] = tracker.run_id
-            info = tracker.log_run(model, metrics, history, [history_path, artifacts_dir])
+            info = tracker.log_run(model, metrics, history, [history_path, artifacts_dir], example=data.x["test"][:5])
             if records:
                 tracker.log_history(diagnostics.per_epoch_metrics(records))  # grad_norm/dense_001 ... step = epoch
                 tracker.log_artifact(diagnostics_path)

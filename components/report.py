@@ -341,7 +341,8 @@ def log_to_mlflow(params: Params, report: dict, experiments: dict[str, dict], fi
         if candidates:
             best = max(candidates, key=lambda n: candidates[n][metric])
             tracker.set_tags({"best_variant": best})
-            tracking.register(tracker, candidates[best]["mlflow_model_uri"], "best_variant", candidates[best][metric], params)
+            tracking.register(tracker, candidates[best]["mlflow_model_uri"], "best_variant", candidates[best][metric], params,
+                              source_run_id=candidates[best].get("mlflow_run_id"))
         parent = tracker.client.get_run(tracker.run_id).data.tags["mlflow.parentRunId"]
         parent_tracker = tracking.Tracker(tracker.client, parent, tracker.experiment_id)
         for f in files:

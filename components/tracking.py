@@ -23,6 +23,7 @@ import platform
 import re
 import subprocess
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -278,20 +279,22 @@ class Tracker:
         self.client.log_inputs(self.run_id, datasets=inputs)
         self.set_tags(tags)
 
-    def log_run(self, model, metrics: dict, history: list[dict], files: list[Path]):
-        """Final metrics, one point per epoch of the history, artifacts and the model of a training run."""
+    def log_run(self, model, metrics: dict, history: list[dict], files: list[Path], example=None):
+        """Final metrics, one point per epoch of the history, artifacts and the model of a training run
+        (``example``: a few raw test rows, logged as the model's input example)."""
         self.log_metrics({k: v for k, v in metrics.items() if k.endswith(("accuracy", "loss")) or "seconds" in k},
                          step=int(metrics.get("epochs", 0)), prefix="final_")
         self.log_history(history)
         for f in files:
             self.log_artifact(f)
-        return self.log_keras_model(model) if self.log_models else None
+        return self.log_keras_model(model, example=example) if self.log_models else None
 
-    def log_keras_model(self, model, name: str = "model", registered_name: str | None = None):
-        """The model in MLflow's Keras flavour with a signature (raw pixels in, probabilities out)."""
+    def log_keras_model(self, model, name: str = "model", registered_name: str | None = None, example=None):
+        """The model in MLflow's Keras flavour with a signature and an input example: float32 raw pixels (0-255,
+        flattened) in, probabilities out; ``mlflow.pyfunc.load_model`` serves it with Keras alone."""
         import mlflow
         import numpy as np
-        from mlflow.models import ModelSignature
+        from mlflow.models import Model, ModelSignature
         from mlflow.types.schema import Schema, TensorSpec
 
         # what infer_signature(x, model.predict(x)) gives, read off the shapes: a predict call here would
@@ -302,9 +305,22 @@ class Tracker:
                 if p in ("tensorflow", "keras")]
         from .train import plain_copy
 
+        example = None if example is None else np.asarray(example, dtype=np.float32).reshape(-1, model.input_shape[-1])
         with _active(self.run_id):  # the network alone, as in the .keras file: no optimizer or schedule of ours
-            return mlflow.keras.log_model(plain_copy(model), name=name, signature=sig, pip_requirements=reqs,
-                                          registered_model_name=registered_name)
+            return Model.log(artifact_path=None, name=name, flavor=_KERAS_FLAVOR, model=plain_copy(model), signature=sig,
+                             input_example=example, pip_requirements=reqs, registered_model_name=registered_name)
+
+
+def _save_keras_model(path: str, **kwargs):
+    # mlflow.keras.log_model writes the input example before it makes the model's folder (mlflow/mlflow#16183, open):
+    # the same flavour, its folder made first
+    import mlflow
+
+    os.makedirs(path, exist_ok=True)
+    return mlflow.keras.save_model(path=path, **kwargs)
+
+
+_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
 
 
 @contextlib.contextmanager
@@ -426,8 +442,14 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
-def register(tracker: Tracker | None, model_uri: str, short_name: str, value: float, params: Params) -> dict | None:
-    """Register a model version; move the alias to it only if it beats the alias's current version on the metric."""
+DATA_TAG = "dvc.md5.data/splits"  # the data a model was trained on: the DVC hash of the splits (tiny or full)
+
+
+def register(tracker: Tracker | None, model_uri: str, short_name: str, value: float, params: Params,
+             source_run_id: str | None = None) -> dict | None:
+    """Register a model version whose source is the run that trained it (``source_run_id``, default the tracker's),
+    with a description and lineage tags; move the alias to it only if it beats the alias's current version on the
+    metric and was trained on the same data (the DVC hash of the splits): a tiny run never displaces a full one."""
     if tracker is None or short_name not in params.mlflow.registry.models:
         return None
     reg = params.mlflow.registry
@@ -445,20 +467,40 @@ def register(tracker: Tracker | None, model_uri: str, short_name: str, value: fl
             client.set_tag(tracker.run_id, f"registry.{short_name}", f"skipped: {model_uri} not in this tracking store")
             return None
     try:
+        src = client.get_run(source_run_id).data if source_run_id else None
+    except Exception:  # noqa: BLE001 - a run of another tracking store (metrics fetched with `dvc pull`)
+        src = None
+    if src is None:
+        source_run_id, src = tracker.run_id, client.get_run(tracker.run_id).data
+    data = src.tags.get(DATA_TAG, "unknown")
+    experiment = src.params.get("experiment") or src.tags.get("mlflow.runName", short_name)
+    tags = {reg.metric: str(value), "experiment": experiment, DATA_TAG: data,
+            **{k: src.tags[k] for k in ("family", "git.commit", "params.sha256", "data.version") if k in src.tags}}
+    description = (f"{experiment}: {reg.metric} {value:.4f}, trained by run {source_run_id} on data {data[:12]} "
+                   f"(git {tags.get('git.commit', 'unknown')[:12]}, params {tags.get('params.sha256', '?')}).")
+    try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - not registered yet
         client.create_registered_model(name, description=f"Hands-On ML ch. 11: {short_name}")
-    mv = client.create_model_version(name, source=model_uri, run_id=tracker.run_id, tags={reg.metric: str(value)},
-                                     model_id=model_id)
+    mv = client.create_model_version(name, source=model_uri, run_id=source_run_id, tags=tags, model_id=model_id,
+                                     description=description)
     try:
         current = client.get_model_version_by_alias(name, reg.alias)
         best = float(current.tags.get(reg.metric, "-inf"))
     except Exception:  # noqa: BLE001 - no alias yet
         current, best = None, float("-inf")
-    moved = value > best
+    other_data = current is not None and current.tags.get(DATA_TAG, "unknown") != data
+    moved = value > best and not other_data
     if moved:
         client.set_registered_model_alias(name, reg.alias, mv.version)
     client.set_tag(tracker.run_id, f"registry.{short_name}", f"{name} v{mv.version}" + (f" ({reg.alias})" if moved else ""))
-    log.info("registered %s version %s (%s=%.4f)%s", name, mv.version, reg.metric, value,
-             f"; alias '{reg.alias}' moved to it" if moved else f"; '{reg.alias}' stays on version {current.version}")
+    if other_data:
+        log.warning("registered %s version %s, but '%s' stays on version %s: that one was trained on other data "
+                    "(splits %s, this one %s), so their %s do not compare. To serve this one anyway: "
+                    "MlflowClient().set_registered_model_alias(%r, %r, %s)", name, mv.version, reg.alias,
+                    current.version, current.tags.get(DATA_TAG, "unknown")[:12], data[:12], reg.metric, name,
+                    reg.alias, mv.version)
+    else:
+        log.info("registered %s version %s (%s=%.4f)%s", name, mv.version, reg.metric, value,
+                 f"; alias '{reg.alias}' moved to it" if moved else f"; '{reg.alias}' stays on version {current.version}")
     return {"name": name, "version": mv.version, "alias_moved": moved}

@@ -43,7 +43,7 @@ def run_model_a(params: Params, splits_dir: Path, model_path: Path, metrics_path
         metrics = {"experiment": "model_a", "task": "a", **metrics}
         if tracker is not None:
             metrics["mlflow_run_id"] = tracker.run_id
-            info = tracker.log_run(model, metrics, history, [history_path])
+            info = tracker.log_run(model, metrics, history, [history_path], example=data.x["test"][:5])
             if info is not None:
                 tracking.register(tracker, info.model_uri, "model_a", metrics[params.mlflow.registry.metric], params)
         write_json(metrics_path, metrics)
@@ -63,7 +63,7 @@ def run_model_b(params: Params, splits_dir: Path, models_dir: Path, metrics_path
             train.save_model(model, Path(models_dir) / f"seed_{seed}.keras")
             if tracker is not None:
                 tracker.log_params({"transfer_seed": seed})
-                tracker.log_run(model, metrics, history, [])
+                tracker.log_run(model, metrics, history, [], example=data.x["test"][:5])
                 metrics["mlflow_run_id"] = tracker.run_id
         per_seed[seed], histories[seed] = metrics, history
         extras["checkpoint"].clear()
@@ -185,7 +185,7 @@ def run_b_on_a(
             metrics["error_rate_reduction"] = factors[seed]
             metrics["model_b_test_accuracy"] = acc_b
             if tracker is not None:
-                info = tracker.log_run(model, metrics, history, [])
+                info = tracker.log_run(model, metrics, history, [], example=data.x["test"][:5])
                 tracker.log_metrics({"error_rate_reduction": factors[seed], "model_b_test_accuracy": acc_b})
                 models_info[seed] = (tracker, info)
                 metrics["mlflow_run_id"] = tracker.run_id

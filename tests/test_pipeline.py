@@ -137,6 +137,9 @@ job = json.loads(sys.stdin.read())
 mlflow.set_tracking_uri(job["uri"])
 x = np.load(job["x"]).astype("float32")
 out = {name: np.asarray(mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(x)) for name in job["names"]}
+for name in job["names"]:  # the logged input example: raw pixels, as float32, and what the model takes
+    example = mlflow.models.Model.load(f"models:/{name}@champion").load_input_example()
+    out[f"{name}.example"] = np.asarray(example)
 np.savez(job["out"], **out)
 """
 
@@ -153,7 +156,8 @@ def test_registered_models_serve_with_mlflow_alone(repo, repro, mlflow_server, t
 
     from .conftest import repo_env
 
-    x = read_split(repo / "data/splits/full_test.parquet").x.reshape(-1, 784)[:50]
+    test = read_split(repo / "data/splits/full_test.parquet")
+    x, y = test.x.reshape(-1, 784), test.y
     np.save(tmp_path / "x.npy", x)
     names = ["ch11_model_a", "ch11_b_on_a", "ch11_best_variant"]
     job = {"uri": mlflow_server, "x": str(tmp_path / "x.npy"), "names": names, "out": str(tmp_path / "out.npz")}
@@ -162,9 +166,18 @@ def test_registered_models_serve_with_mlflow_alone(repo, repro, mlflow_server, t
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = dict(np.load(tmp_path / "out.npz"))
-    assert got["ch11_model_a"].shape == (50, 8) and got["ch11_b_on_a"].shape == (50, 1)
-    assert got["ch11_best_variant"].shape == (50, 10)
+    n = len(x)
+    assert got["ch11_model_a"].shape == (n, 8) and got["ch11_b_on_a"].shape == (n, 1)
+    assert got["ch11_best_variant"].shape == (n, 10)
     np.testing.assert_allclose(got["ch11_best_variant"].sum(axis=1), 1.0, rtol=1e-4)
+    # served from a clean process, the best variant scores on the real test rows what its training run reported
+    c = mlflow.MlflowClient(mlflow_server)
+    champion = c.get_model_version_by_alias("ch11_best_variant", "champion")
+    reported = c.get_run(champion.run_id).data.metrics["final_test_accuracy"]
+    assert abs(float(np.mean(got["ch11_best_variant"].argmax(axis=1) == y)) - reported) < 2 / n
+    for name in names:
+        example = got[f"{name}.example"]
+        assert example.dtype == np.float32 and example.shape[1] == 784 and example.max() > 1, name  # raw 0-255 pixels
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     for name in names:
         here = mlflow.keras.load_model(f"models:/{name}@champion").predict(x.astype("float32"), verbose=0)
@@ -194,6 +207,43 @@ def test_alias_moves_only_for_a_better_version(repo, repro, mlflow_server):
     better = tracking.register(tr, current.source, "model_a", float(current.tags["valid_accuracy"]) + 0.1, p)
     assert better["alias_moved"]
     assert c.get_model_version_by_alias("ch11_model_a", "champion").version == better["version"]
+
+
+def test_a_registered_version_names_the_run_that_trained_it(repo, repro, mlflow_server):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(mlflow_server)
+    mv = c.get_model_version_by_alias("ch11_best_variant", "champion")
+    trained = c.get_run(mv.run_id)
+    assert trained.data.tags["ch11.step"] == "experiment"  # the training run, not the report's
+    best = trained.data.params["experiment"]
+    assert json.loads((repo / f"metrics/experiments/{best}.json").read_text())["mlflow_run_id"] == mv.run_id
+    t = mv.tags
+    assert t["experiment"] == best and t["dvc.md5.data/splits"] == trained.data.tags["dvc.md5.data/splits"]
+    assert t["git.commit"] == trained.data.tags["git.commit"] and t["params.sha256"] == trained.data.tags["params.sha256"]
+    assert best in mv.description and mv.run_id in mv.description
+
+
+def test_the_alias_stays_among_versions_trained_on_the_same_data(repo, repro, mlflow_server, caplog):
+    """A better number on other data (a tiny run beside a full one) does not take the champion alias."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    from components import tracking
+    from components.config import load_params
+
+    c = MlflowClient(mlflow_server)
+    p = load_params(repo / "params.yaml")
+    current = c.get_model_version_by_alias("ch11_model_a", "champion")
+    exp_id = c.get_run(current.run_id).info.experiment_id
+    other = c.create_run(exp_id, tags={"mlflow.runName": "model_a on other data", "dvc.md5.data/splits": "f" * 32 + ".dir"})
+    tr = tracking.Tracker(c, other.info.run_id, exp_id)
+    with caplog.at_level(logging.WARNING, logger="components.tracking"):
+        out = tracking.register(tr, current.source, "model_a", float(current.tags["valid_accuracy"]) + 1.0, p)
+    assert not out["alias_moved"] and "trained on other data" in caplog.text
+    assert c.get_model_version_by_alias("ch11_model_a", "champion").version == current.version
+    c.set_terminated(tr.run_id, "FINISHED")
 
 
 def test_a_model_from_another_mlflow_is_skipped_with_a_warning_not_an_error(repo, repro, mlflow_server, caplog):
