@@ -274,6 +274,7 @@ class _Lost:
 
 
 _lost: _Lost | None = None
+_watching = False
 
 
 def lost_dir() -> Path:
@@ -317,14 +318,14 @@ def _short_reason(err: BaseException) -> str:
 def watch() -> Iterator[None]:
     """Around one step (``registry.call``): if its tracking server stopped answering, the step still runs to
     its end (writing its outputs), then fails with `TrackingLost` saying what was not logged."""
-    global _lost
-    _lost = None
+    global _lost, _watching
+    _lost, _watching = None, True
     try:
         yield
         if _lost is not None:
             raise TrackingLost(_lost.message())
     finally:
-        _lost = None
+        _lost, _watching = None, False
 
 
 def _guarded(describe):
@@ -365,10 +366,10 @@ class Tracker:
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
         self.log_models = log_models
         self.label = label or str(run_id)
-        self.uri = uri or tracking_uri()
+        self.uri = uri or getattr(client, "tracking_uri", None) or tracking_uri()
 
     def _offline(self) -> bool:
-        return self.run_id is None or (_lost is not None and _lost.uri == self.uri)
+        return _lost is not None and _lost.uri == self.uri
 
     @_guarded(lambda params: f"params {_names(flatten(params))}")
     def log_params(self, params: dict[str, Any]) -> None:
@@ -607,6 +608,9 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
         return
     from mlflow import MlflowClient
 
+    global _lost
+    if not _watching:  # a step function called directly (not through registry.call): each run starts afresh
+        _lost = None
     bounded_http_defaults()
     uri = tracking_uri()
     label = run_name or step
@@ -641,7 +645,8 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
             _lose(uri, err)  # an MLflow call of the step's own (not through the Tracker): is the server gone?
         if tracker._offline():
             if _is_tracking_error(err):  # the step's own MLflow call failed: the rest of its logging is lost
-                _lost.run(run_id, label).not_logged.append(f"the rest of the step's MLflow logging ({msg[:300]})")
+                _lost.run(run_id, label).not_logged.append(
+                    f"the rest of the step's MLflow logging (stopped at {_short_reason(err)})")
                 _record_lost(tracker, status, msg)
                 raise TrackingLost(_lost.message()) from err
             _record_lost(tracker, status, msg)

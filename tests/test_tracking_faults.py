@@ -168,3 +168,37 @@ def test_server_dying_mid_step(tiny_ws, tmp_path):
         assert json.loads((ws / "metrics/experiments/elu.json").read_text())["mlflow_model_uri"].startswith("models:/")
     finally:
         _kill(server)
+
+
+def test_a_steps_own_mlflow_call_after_the_server_died(tmp_path, monkeypatch, params):
+    """A step that calls the MLflow client itself (the report step does) fails with TrackingLost, in seconds,
+    naming what its Tracker could not log; the run is recorded for ending later."""
+    store = tmp_path / "store"
+    store.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(tracking.LOST_DIR_ENV, str(tmp_path / "lost"))
+    for k in HTTP_VARS:
+        monkeypatch.setenv(k, "0")
+        monkeypatch.delenv(k)
+    (tmp_path / "report.md").write_text("# report\n")
+    server = _start_server(store, port)
+    try:
+        with pytest.raises(tracking.TrackingLost) as lost, tracking.watch():
+            with tracking.step_run("report", params, []) as tracker:
+                _kill(server)
+                t = time.monotonic()
+                tracker.log_artifact(tmp_path / "report.md")
+                tracker.set_tags({"best_variant": "elu"})  # skipped at once: the server is known to be gone
+                tracker.client.get_run(tracker.run_id)  # not through the Tracker
+    finally:
+        _kill(server)
+    took = time.monotonic() - t
+    assert took < 30, f"{took:.0f}s"
+    msg = str(lost.value)
+    assert f"artifact {tmp_path / 'report.md'}" in msg and "tags best_variant" in msg
+    assert "the rest of the step's MLflow logging (stopped at runs/get: [Errno 111] Connection refused)" in msg
+    record = json.loads((tmp_path / "lost" / f"{tracker.run_id}.json").read_text())
+    assert record["status"] == "FAILED" and record["uri"] == uri
+    assert tracking._lost is None  # the next step starts afresh
