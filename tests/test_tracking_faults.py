@@ -120,7 +120,7 @@ def test_server_dying_mid_step(tiny_ws, tmp_path):
         _kill(server)
         killed = time.monotonic()
         step.send_signal(signal.SIGCONT)
-        out, err = step.communicate(timeout=300)
+        out, err = step.communicate(timeout=180)  # today: 498 s of retries
         took = time.monotonic() - killed
     finally:
         if step.poll() is None:
@@ -130,7 +130,7 @@ def test_server_dying_mid_step(tiny_ws, tmp_path):
 
     # seconds, not MLflow's default minutes of retries; then a clear error, not a raw MlflowException
     assert step.returncode == 1, err[-3000:]
-    assert took < 60, f"the step took {took:.0f}s after the server died"
+    assert took < 90, f"the step took {took:.0f}s after the server died"  # its last epochs + ~3 s of retries
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("[experiment] TrackingLost: "), last
     assert "stopped answering during this step (runs/log-batch: [Errno 111] Connection refused" in last
