@@ -276,8 +276,11 @@ def call(step: Step, params: Any, item: str | None, paths: dict[str, Any]) -> An
     arguments named in the registry). The one call `python -m components` and a Kubeflow task both make."""
     import importlib
 
+    from . import tracking
+
     fn = getattr(importlib.import_module(f"components.{step.module}"), step.entry)
-    return fn(params=params, **({"name": item} if step.foreach else {}), **paths)
+    with tracking.watch():  # a tracking server lost mid-step: the step ends, writes its outputs, then fails
+        return fn(params=params, **({"name": item} if step.foreach else {}), **paths)
 
 
 def get(name: str) -> Step:

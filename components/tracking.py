@@ -26,6 +26,7 @@ import time
 import types
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,21 +54,42 @@ def artifact_root() -> str:
     return (Path.cwd() / "mlartifacts").as_uri()
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """An http(s) tracking URI must answer /health within seconds; otherwise a clear error, at once."""
+# MLflow's own HTTP client retries a failing call 7 times with a backoff of 2 s and waits 120 s for an
+# answer: a server that dies mid-step held the step for minutes per call. These bounds apply only where the
+# user has not set the variable (a team server behind a rate limit may want more retries).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+LOST_DIR_ENV = "CH11_MLFLOW_LOST_DIR"
+
+
+def bounded_http_defaults() -> dict[str, str]:
+    """Set MLflow's HTTP retry/timeout variables to seconds-long bounds unless the user set them; the values used."""
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    return {k: os.environ[k] for k in HTTP_DEFAULTS}
+
+
+def _health(uri: str, timeout: float) -> str | None:
+    """None when an http(s) tracking server answers /health with 200 (or the URI is not http); else why not."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return None
     url = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - the user's own tracking server
-            if r.status != 200:
-                raise TrackingError(f"MLflow server at {uri} answered {r.status} on /health")
+            return None if r.status == 200 else f"it answered {r.status} on /health"
     except (urllib.error.URLError, OSError) as err:
+        return str(getattr(err, "reason", err))
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking URI must answer /health within seconds; otherwise a clear error, at once."""
+    why = _health(uri, timeout)
+    if why is not None:
         raise TrackingError(
-            f"cannot reach the MLflow tracking server at {uri} ({getattr(err, 'reason', err)}). "
+            f"cannot reach the MLflow tracking server at {uri} ({why}). "
             "Start it (README: `make mlflow-ui`), fix MLFLOW_TRACKING_URI, or unset it to log to the local "
             "sqlite store. Nothing was trained."
-        ) from None
+        )
 
 
 # ------------------------------------------------------------------------------------------ lineage
@@ -214,13 +236,143 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ runs
 
-class Tracker:
-    """Logging of one step's run (a child of the pipeline's parent run)."""
+class TrackingLost(TrackingError):
+    """The tracking server stopped answering during a step: the step's outputs are written, its MLflow logging
+    is incomplete (the message says what is missing and how to log it)."""
 
-    def __init__(self, client, run_id: str, experiment_id: str, log_models: bool = True):
+
+@dataclass
+class _LostRun:
+    run_id: str | None
+    label: str
+    not_logged: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Lost:
+    """This process's step lost its tracking server: no more MLflow calls (each would wait out the retries)."""
+
+    uri: str
+    reason: str
+    runs: dict[str, _LostRun] = field(default_factory=dict)
+
+    def run(self, run_id: str | None, label: str) -> _LostRun:
+        return self.runs.setdefault(run_id or f"none:{label}", _LostRun(run_id, label))
+
+    def message(self) -> str:
+        limits = ", ".join(f"{k}={os.environ.get(k, '?')}" for k in HTTP_DEFAULTS)
+        parts = []
+        for r in self.runs.values():
+            what = "; ".join(dict.fromkeys(r.not_logged)) or "nothing"
+            parts.append(f"run '{r.label}' ({r.run_id or 'never created'}): {what}")
+        ids = [r.run_id for r in self.runs.values() if r.run_id]
+        return (f"the MLflow tracking server at {self.uri} stopped answering during this step ({self.reason}; "
+                f"MLflow HTTP limits: {limits}). The step's own outputs (models, metrics JSON, histories) are "
+                f"written. Not logged to MLflow: {' | '.join(parts)}. To log it, start the server again and rerun "
+                f"this step (`dvc repro`, or the same `python -m components ...` command): it logs everything to "
+                f"a new run" + (f"; the next step that reaches the server ends run(s) {', '.join(ids)} as FAILED "
+                                 f"(recorded in {lost_dir()})" if ids else "") + ".")
+
+
+_lost: _Lost | None = None
+_watching = False
+
+
+def lost_dir() -> Path:
+    """Where a step records the runs it could not end (``.mlflow-lost/``, or ``$CH11_MLFLOW_LOST_DIR``)."""
+    return Path(os.environ.get(LOST_DIR_ENV) or Path.cwd() / ".mlflow-lost")
+
+
+def _is_tracking_error(err: BaseException) -> bool:
+    try:
+        import requests
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return False
+    return isinstance(err, (MlflowException, requests.exceptions.RequestException, ConnectionError, TimeoutError))
+
+
+def _lose(uri: str, err: BaseException) -> bool:
+    """After a failed MLflow call: True (and this process stops tracking) if the server is gone, False if it is
+    up (then the error is a real one and is raised)."""
+    global _lost
+    if _lost is not None and _lost.uri == uri:
+        return True
+    if not _is_tracking_error(err) or _health(uri, 5.0) is None:
+        return False
+    _lost = _Lost(uri, _short_reason(err))
+    log.error("MLflow tracking server at %s stopped answering (%s); the step goes on without tracking and "
+              "fails at its end with what was not logged", uri, _lost.reason)
+    return True
+
+
+def _short_reason(err: BaseException) -> str:
+    """'log-batch: [Errno 111] Connection refused' rather than MLflow's paragraph about urllib3's retries."""
+    text = str(err)
+    call = re.search(r"/api/[\d.]+/[\w-]+/([\w/-]+)", text)
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+|(?:Read|Connect|Connection) timed out|timed out", text)
+    where = f"{call.group(1)}: " if call else ""
+    return where + (cause.group(0).strip() if cause else f"{type(err).__name__}: {text}"[:300])
+
+
+@contextlib.contextmanager
+def watch() -> Iterator[None]:
+    """Around one step (``registry.call``): if its tracking server stopped answering, the step still runs to
+    its end (writing its outputs), then fails with `TrackingLost` saying what was not logged."""
+    global _lost, _watching
+    _lost, _watching = None, True
+    try:
+        yield
+        if _lost is not None:
+            raise TrackingLost(_lost.message())
+    finally:
+        _lost, _watching = None, False
+
+
+def _guarded(describe):
+    """A Tracker method that, once the server is gone, records what it would have logged instead of failing."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            if not self._offline():
+                try:
+                    return fn(self, *args, **kwargs)
+                except Exception as err:  # noqa: BLE001 - raised again unless the server is gone
+                    if not _lose(self.uri, err):
+                        raise
+            _lost.run(self.run_id, self.label).not_logged.append(describe(*args, **kwargs))
+            return None
+        return wrapper
+    return deco
+
+
+def _names(d: dict, prefix: str = "", n: int = 6) -> str:
+    keys = [prefix + str(k) for k in d]
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _history_names(history: list[dict], prefix: str = "") -> str:
+    keys = dict.fromkeys(prefix + k for h in history for k in h if k != "epoch")
+    return f"per-epoch {_names(keys)} ({len(history)} epochs)"
+
+
+class Tracker:
+    """Logging of one step's run (a child of the pipeline's parent run).
+
+    Every logging call survives the tracking server going away: after MLflow's (bounded) retries the call
+    records what it could not log and returns None, and so do the calls after it, at once (see `watch`)."""
+
+    def __init__(self, client, run_id: str | None, experiment_id: str | None, log_models: bool = True,
+                 label: str | None = None, uri: str | None = None):
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
         self.log_models = log_models
+        self.label = label or str(run_id)
+        self.uri = uri or getattr(client, "tracking_uri", None) or tracking_uri()
 
+    def _offline(self) -> bool:
+        return _lost is not None and _lost.uri == self.uri
+
+    @_guarded(lambda params: f"params {_names(flatten(params))}")
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -228,6 +380,7 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @_guarded(lambda metrics, step=None, prefix="": f"metrics {_names(metrics, prefix)}")
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None, prefix: str = "") -> None:
         import math
 
@@ -239,6 +392,7 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
+    @_guarded(lambda history, prefix="": _history_names(history, prefix))
     def log_history(self, history: list[dict], prefix: str = "") -> None:
         from mlflow.entities import Metric
 
@@ -248,6 +402,7 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
+    @_guarded(lambda path, artifact_path=None: f"artifact {path}")
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():  # a folder keeps its name: <run>/<folder>/...
@@ -255,11 +410,13 @@ class Tracker:
         elif path.is_file():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_guarded(lambda tags: f"tags {_names(tags)}")
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @_guarded(lambda paths: f"dataset inputs {', '.join(paths)}")
     def log_datasets(self, paths: list[str]) -> None:
         """``mlflow.log_input`` per dataset: the DVC hash as digest, the DVC path (and remote) as source."""
         from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -289,6 +446,8 @@ class Tracker:
             self.log_artifact(f)
         return self.log_keras_model(model, example=example) if self.log_models else None
 
+    @_guarded(lambda model, name="model", registered_name=None, example=None: "the model (Keras flavour)"
+              + (f", registered as {registered_name}" if registered_name else ""))
     def log_keras_model(self, model, name: str = "model", registered_name: str | None = None, example=None):
         """The model in MLflow's Keras flavour with a signature and an input example: float32 raw pixels (0-255,
         flattened) in, probabilities out; ``mlflow.pyfunc.load_model`` serves it with Keras alone."""
@@ -405,23 +564,88 @@ def _base_tags(step: str, params: Params, inputs: list[str]) -> dict[str, Any]:
     return tags
 
 
+def _record_lost(tracker: Tracker, status: str, why: str) -> None:
+    """Note a run this step could not end (the server was gone), for `end_lost_runs` to end it later."""
+    if tracker.run_id is None:
+        return
+    from .io import write_json
+
+    lost = _lost.run(tracker.run_id, tracker.label) if _lost is not None else None
+    write_json(lost_dir() / f"{tracker.run_id}.json", {
+        "uri": tracker.uri, "run_id": tracker.run_id, "run_name": tracker.label, "status": status, "error": why,
+        "not_logged": list(dict.fromkeys(lost.not_logged)) if lost else []})
+
+
+def end_lost_runs(client, uri: str) -> list[str]:
+    """End the runs that steps left RUNNING because the server went away (recorded in `lost_dir()`), with the
+    status they were recorded with (FAILED, or KILLED for a stopped step) and what was not logged as a note."""
+    d = lost_dir()
+    if not d.is_dir():
+        return []
+    from mlflow.entities import RunTag
+
+    ended = []
+    for f in sorted(d.glob("*.json")):
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("uri") != uri:
+            continue
+        try:
+            if client.get_run(rec["run_id"]).info.status == "RUNNING":
+                why = (f"tracking server lost during the step ({rec.get('error', '')}); not logged: "
+                       + "; ".join(rec.get("not_logged") or ["unknown"]))[:5000]
+                client.log_batch(rec["run_id"], tags=[RunTag("error", why), RunTag(
+                    "mlflow.note.content", f"**MLflow tracking was lost during this step**; rerun the step to log "
+                                           f"everything to a new run.\n\n```\n{why}\n```")])
+                client.set_terminated(rec["run_id"], rec.get("status", "FAILED"))
+                ended.append(rec["run_id"])
+                log.warning("ended run %s (%s) as %s: its step lost the tracking server; rerun that step to log it",
+                            rec["run_id"], rec.get("run_name"), rec.get("status", "FAILED"))
+        except Exception as err:  # noqa: BLE001 - the server is gone (the caller handles it) or the run is
+            if _health(uri, 5.0) is not None:  # gone / not endable: then the record has nothing left to do
+                raise
+            log.warning("could not end lost run %s (%s); forgetting it", rec.get("run_id"), err)
+        f.unlink(missing_ok=True)
+    return ended
+
+
 @contextlib.contextmanager
 def step_run(step: str, params: Params, inputs: list[str], run_name: str | None = None,
              spec: dict[str, Any] | None = None, parent: str | None = None) -> Iterator[Tracker | None]:
-    """A child run for one step; FAILED with the error as a tag if the block raises. Yields None when disabled."""
+    """A child run for one step; FAILED with the error as a tag if the block raises. Yields None when disabled.
+
+    MLflow's HTTP retries are bounded (`bounded_http_defaults`). If the server goes away during the step, the
+    block still runs to its end (the Tracker records what it could not log), the run is noted in `lost_dir()`
+    for the next step that reaches the server to end it (`end_lost_runs`), and `watch` fails the step at its end."""
     if not params.mlflow.enabled:
         yield None
         return
     from mlflow import MlflowClient
 
+    global _lost
+    if not _watching:  # a step function called directly (not through registry.call): each run starts afresh
+        _lost = None
+    bounded_http_defaults()
     uri = tracking_uri()
-    check_server(uri)
+    label = run_name or step
     client = MlflowClient(uri)
-    exp_id = _experiment_id(client, params.mlflow.experiment_name)
-    parent_id = parent or parent_run(client, exp_id)
-    tags = {"mlflow.parentRunId": parent_id, "mlflow.runName": run_name or step, **_base_tags(step, params, inputs)}
-    run = client.create_run(exp_id, tags=tags)
-    tracker = Tracker(client, run.info.run_id, exp_id, log_models=params.mlflow.log_models)
+    run_id = exp_id = None
+    if _lost is None or _lost.uri != uri:
+        check_server(uri)
+        try:
+            end_lost_runs(client, uri)
+            exp_id = _experiment_id(client, params.mlflow.experiment_name)
+            parent_id = parent or parent_run(client, exp_id)
+            tags = {"mlflow.parentRunId": parent_id, "mlflow.runName": label, **_base_tags(step, params, inputs)}
+            run_id = client.create_run(exp_id, tags=tags).info.run_id
+        except Exception as err:
+            if not _lose(uri, err):
+                raise
+    tracker = Tracker(client, run_id, exp_id, log_models=params.mlflow.log_models, label=label, uri=uri)
+    if run_id is None:
+        _lost.run(None, label).not_logged.append("the run itself (never created)")
     try:
         if spec is not None:
             tracker.log_params(spec)
@@ -431,27 +655,60 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
         yield tracker
     except BaseException as err:
         stopped = isinstance(err, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (io.stop_on_sigterm): KILLED, resumable
+        status = "KILLED" if stopped else "FAILED"
         msg = f"{type(err).__name__}: {err}"[:5000]
-        try:
-            client.set_tag(run.info.run_id, "error", msg)
-            what = "Step stopped (rerun it to resume)" if stopped else "Step failed"
-            client.set_tag(run.info.run_id, "mlflow.note.content", f"**{what}**\n\n```\n{msg}\n```")
-            client.set_terminated(run.info.run_id, "KILLED" if stopped else "FAILED")
-        finally:
+        if not stopped and not tracker._offline() and _is_tracking_error(err):
+            _lose(uri, err)  # an MLflow call of the step's own (not through the Tracker): is the server gone?
+        if tracker._offline():
+            if _is_tracking_error(err):  # the step's own MLflow call failed: the rest of its logging is lost
+                _lost.run(run_id, label).not_logged.append(
+                    f"the rest of the step's MLflow logging (stopped at {_short_reason(err)})")
+                _record_lost(tracker, status, msg)
+                raise TrackingLost(_lost.message()) from err
+            _record_lost(tracker, status, msg)
             raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+        try:
+            client.set_tag(run_id, "error", msg)
+            what = "Step stopped (rerun it to resume)" if stopped else "Step failed"
+            client.set_tag(run_id, "mlflow.note.content", f"**{what}**\n\n```\n{msg}\n```")
+            client.set_terminated(run_id, status)
+        except Exception as end_err:  # noqa: BLE001 - the step's own error is the one to raise
+            if _lose(uri, end_err):
+                _lost.run(run_id, label).not_logged.append(f"the run's end ({status}, error tag)")
+                _record_lost(tracker, status, msg)
+            else:
+                log.warning("could not mark run %s %s: %s", run_id, status, end_err)
+        raise
+    if tracker._offline():
+        _record_lost(tracker, "FAILED", _lost.reason)
+        return
+    try:
+        client.set_terminated(run_id, "FINISHED")
+    except Exception as err:
+        if not _lose(uri, err):
+            raise
+        _lost.run(run_id, label).not_logged.append("the run's end (FINISHED)")
+        _record_lost(tracker, "FAILED", _lost.reason)
 
 
 DATA_TAG = "dvc.md5.data/splits"  # the data a model was trained on: the DVC hash of the splits (tiny or full)
 
 
-def register(tracker: Tracker | None, model_uri: str, short_name: str, value: float, params: Params,
+def register(tracker: Tracker | None, model_uri: str | None, short_name: str, value: float, params: Params,
              source_run_id: str | None = None) -> dict | None:
     """Register a model version whose source is the run that trained it (``source_run_id``, default the tracker's),
     with a description and lineage tags; move the alias to it only if it beats the alias's current version on the
-    metric and was trained on the same data (the DVC hash of the splits): a tiny run never displaces a full one."""
+    metric and was trained on the same data (the DVC hash of the splits): a tiny run never displaces a full one.
+
+    Once the tracking server is gone (see `Tracker`), the registration is noted as not done instead."""
     if tracker is None or short_name not in params.mlflow.registry.models:
         return None
+    return _register(tracker, model_uri, short_name, value, params, source_run_id)
+
+
+@_guarded(lambda model_uri, short_name, value, params, source_run_id=None: f"model registration {short_name}")
+def _register(tracker: Tracker, model_uri: str | None, short_name: str, value: float, params: Params,
+              source_run_id: str | None = None) -> dict | None:
     reg = params.mlflow.registry
     name = f"{reg.name_prefix}_{short_name}"
     client = tracker.client
