@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config, registry
+from . import config, process, registry
 from .config import ParamsError, load_params
 from .io import Terminated, setup_logging, stop_on_sigterm
 
@@ -61,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             log.error("--bind %r: expected ARG=PATH with ARG one of %s", b, ", ".join(paths))
             return 2
         paths[key] = Path(path)
+    dvc = process.dvc_command()
+    if dvc is not None:  # `dvc repro` killed -> this step stops too, rather than write on beside a rerun
+        process.die_with(dvc)
+    outputs = [paths[k] for k in (*step.outputs, *step.metrics, *step.plots)]
     try:
-        registry.call(step, params, item, paths)
+        with process.hold_outputs(step.name + (f"@{item}" if item else ""),
+                                  Path(params.runtime.checkpoint_dir) / "locks", outputs):
+            process.clean_stale_tmp(outputs)
+            registry.call(step, params, item, paths)
     except KeyboardInterrupt as err:
         log.error("%s; rerun the same command to resume", "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted")
         return 143 if isinstance(err, Terminated) else 130

@@ -5,11 +5,16 @@ Where runs go: ``$MLFLOW_TRACKING_URI`` when set (a team server); otherwise a lo
 ``./mlruns`` file store).
 
 Which parent: a pipeline execution is identified by ``$CH11_PIPELINE_RUN`` (``make repro`` sets a fresh
-one per run; on Kubeflow it is the KFP run id). Without it, by the code and params: the git commit
-(+ "dirty") and the hash of params.yaml, so re-running stages of the same code and params joins the same
-parent. ``$MLFLOW_RUN_ID`` names the parent run directly and ``$MLFLOW_EXPERIMENT_ID`` the experiment,
-when the environment provides them. The parent run stays RUNNING while stages join it; the report step
-finishes it.
+one per run; on Kubeflow it is the KFP run id). Without it, under a plain ``dvc repro`` or ``dvc exp run``,
+by the ``dvc`` process that runs the stages (boot id, pid, start time: ``process.dvc_command``), so every
+stage of that one command joins one parent. A step run by hand joins the parent of its code and params: the
+git commit (+ "dirty") and the hash of params.yaml. ``$MLFLOW_RUN_ID`` names the parent run directly and
+``$MLFLOW_EXPERIMENT_ID`` the experiment, when the environment provides them.
+
+The parent's status follows its steps (``sync_parent``), so no orchestrator has to finish it: RUNNING while a
+step runs; once none runs, FAILED if the latest run of some step failed, else KILLED if one was stopped, else
+FINISHED. A step's run left RUNNING by a process that died without ending it (``kill -9``, out of memory) counts
+as FAILED once that process is gone from this machine.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from . import process
 from .config import Params
 
 log = logging.getLogger("components.tracking")
@@ -39,6 +45,8 @@ log = logging.getLogger("components.tracking")
 PIPELINE_ENV = "CH11_PIPELINE_RUN"
 TAG_PIPELINE = "ch11.pipeline_run"
 TAG_STEP = "ch11.step"
+TAG_PROCESS = "ch11.process"  # the step's process (process.Proc.ident): a RUNNING run whose process is gone failed
+TAG_DVC = "ch11.dvc_process"  # on a parent run: the `dvc` process of the execution
 ROOT = Path.cwd
 
 
@@ -94,18 +102,57 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 
 # ------------------------------------------------------------------------------------------ lineage
 
-def _git(*args: str) -> str:
+def _git(*args: str, strip: bool = True) -> str:
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
+    return out.strip() if strip else out
+
+
+def dvc_written(top: Path) -> list[str]:
+    """Patterns (relative to the git top level ``top``) of what DVC itself writes into the tree: every pipeline's
+    dvc.lock, every stage output of the registry (``{item}`` as ``*``) and the .gitignore beside each."""
+    from . import registry
+
+    project = Path(__file__).resolve().parent.parent
+    pats: list[str] = []
+    for pipe in registry.PIPELINES.values():
+        try:
+            base = (project / pipe.directory).resolve().relative_to(top.resolve())
+        except ValueError:  # this pipeline is not in that repository
+            continue
+        outs = [o for s in pipe.steps for o in (*s.outputs.values(), *s.metrics.values(), *s.plots.values())]
+        for rel in ["dvc.lock", *outs, *{str(Path(o).parent / ".gitignore") for o in outs}]:
+            pats.append((base / rel.replace("{item}", "*")).as_posix())
+    return pats
+
+
+def _is_dvc_written(path: str, pats: list[str]) -> bool:
+    import fnmatch
+
+    return any(path == p or path.startswith(p + "/") or fnmatch.fnmatchcase(path, p)
+               or fnmatch.fnmatchcase(path, p + "/*") for p in pats)
 
 
 def git_state() -> dict[str, str]:
+    """The commit and whether the tree the code runs from differs from it. What DVC writes while it runs the
+    pipeline (dvc.lock, auto-staged by ``core.autostage``; the stages' outputs, such as the metrics files git
+    tracks) does not make the tree dirty: a clean checkout stays clean for every stage of a ``dvc repro``.
+    Any other change to a tracked file (code, params.yaml) does."""
     if os.environ.get("CH11_GIT_COMMIT"):  # in a Kubeflow container: recorded by pipeline.py at compile time
         return {"git.commit": os.environ["CH11_GIT_COMMIT"], "git.dirty": os.environ.get("CH11_GIT_DIRTY", "false")}
     commit = _git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    status = _git("status", "--porcelain", "-z", "--untracked-files=no", strip=False)
+    changed: list[str] = []
+    entries = iter(status.split("\0"))
+    for entry in entries:
+        if len(entry) > 3:
+            changed.append(entry[3:])
+            if "R" in entry[:2] or "C" in entry[:2]:  # a rename or copy: the next entry is its source
+                changed.append(next(entries, ""))
+    pats = dvc_written(Path(_git("rev-parse", "--show-toplevel") or "."))
+    dirty = any(p and not _is_dvc_written(p, pats) for p in changed)
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
@@ -511,8 +558,24 @@ def pipeline_run_key() -> str:
     key = os.environ.get(PIPELINE_ENV)
     if key:
         return key
+    dvc = process.dvc_command()
+    if dvc is not None:  # one `dvc repro` / `dvc exp run`: all its stages, and only them
+        return f"dvc-{dvc.ident}"
     g = git_state()
     return f"{g['git.commit'][:12]}{'-dirty' if g['git.dirty'] == 'true' else ''}-params-{params_hash()}"
+
+
+def _parent_tags(key: str) -> dict[str, str]:
+    git = git_state()
+    tags = {TAG_PIPELINE: key, TAG_STEP: "pipeline", "mlflow.runName": f"pipeline {key[:40]}", **git}
+    dvc = process.dvc_command()
+    if not os.environ.get(PIPELINE_ENV) and dvc is not None:
+        cmd = " ".join(dvc.args)
+        tags.update({TAG_DVC: dvc.ident, "dvc.command": cmd[:500],
+                     "mlflow.runName": f"pipeline {cmd[:60]} @{git['git.commit'][:8]}"})
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
 
 
 def parent_run(client, experiment_id: str) -> str:
@@ -528,14 +591,59 @@ def parent_run(client, experiment_id: str) -> str:
     existing = first()
     if existing:
         return existing
-    own = client.create_run(experiment_id, tags={TAG_PIPELINE: key, TAG_STEP: "pipeline",
-                                                 "mlflow.runName": f"pipeline {key[:40]}", **git_state()}).info.run_id
+    tags = _parent_tags(key)
+    if TAG_DVC in tags:
+        end_abandoned_parents(client, experiment_id)
+    own = client.create_run(experiment_id, tags=tags).info.run_id
     # Stages run in parallel (tools/repro.py, Kubeflow): two may have created a parent at the same time.
     # Every one of them settles on the earliest; the others delete their own, so there is one parent.
     chosen = first() or own
     if chosen != own:
         client.delete_run(own)
     return chosen
+
+
+def sync_parent(client, experiment_id: str, parent_id: str) -> str:
+    """Set the parent's status from its children (module docstring) and return it. The latest run of each
+    (step, run name) counts, so a step rerun by hand after a failure mends its parent."""
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                  max_results=5000)
+    latest: dict[tuple, Any] = {}
+    for r in children:
+        k = (r.data.tags.get(TAG_STEP), r.data.tags.get("mlflow.runName"))
+        if k not in latest or (r.info.start_time, r.info.run_id) > (latest[k].info.start_time, latest[k].info.run_id):
+            latest[k] = r
+    seen = set()
+    for r in latest.values():
+        status = r.info.status
+        if status in ("RUNNING", "SCHEDULED") and process.ident_alive(r.data.tags.get(TAG_PROCESS, "")) is False:
+            note = "The process of this run ended without ending it (killed with SIGKILL, out of memory?)."
+            client.set_tag(r.info.run_id, "error", note)
+            client.set_tag(r.info.run_id, "mlflow.note.content", f"**Step died**\n\n{note}")
+            client.set_terminated(r.info.run_id, "FAILED")
+            status = "FAILED"
+        seen.add(status)
+    status = ("RUNNING" if seen & {"RUNNING", "SCHEDULED"} else "FAILED" if "FAILED" in seen
+              else "KILLED" if "KILLED" in seen else "FINISHED")
+    if client.get_run(parent_id).info.status != status:
+        if status == "RUNNING":
+            client.update_run(parent_id, status="RUNNING")
+        else:
+            client.set_terminated(parent_id, status)
+    return status
+
+
+def end_abandoned_parents(client, experiment_id: str) -> None:
+    """Parents of earlier `dvc` executions on this machine still RUNNING although their `dvc` process is gone
+    (a step killed with SIGKILL never ended its run): settle them from their children now."""
+    query = (f"tags.`{TAG_STEP}` = 'pipeline' and attributes.status = 'RUNNING' "
+             f"and tags.`{TAG_DVC}` LIKE '{process.boot_id()}-%'")
+    for r in client.search_runs([experiment_id], filter_string=query, max_results=200):
+        if process.ident_alive(r.data.tags[TAG_DVC]) is False:
+            try:
+                sync_parent(client, experiment_id, r.info.run_id)
+            except Exception as err:  # noqa: BLE001 - tidying someone else's run must not stop this step
+                log.warning("could not end the abandoned parent run %s: %s", r.info.run_id, err)
 
 
 def source_tags(step: str, commit: str) -> dict[str, str]:
@@ -631,21 +739,33 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
     uri = tracking_uri()
     label = run_name or step
     client = MlflowClient(uri)
-    run_id = exp_id = None
+    run_id = exp_id = parent_id = None
+    own_parent = parent is None and not os.environ.get("MLFLOW_RUN_ID")  # a parent we keep the status of
     if _lost is None or _lost.uri != uri:
         check_server(uri)
         try:
             end_lost_runs(client, uri)
             exp_id = _experiment_id(client, params.mlflow.experiment_name)
             parent_id = parent or parent_run(client, exp_id)
-            tags = {"mlflow.parentRunId": parent_id, "mlflow.runName": label, **_base_tags(step, params, inputs)}
+            tags = {"mlflow.parentRunId": parent_id, "mlflow.runName": label, **_base_tags(step, params, inputs),
+                    TAG_PROCESS: process.this_process().ident}
             run_id = client.create_run(exp_id, tags=tags).info.run_id
+            if own_parent and client.get_run(parent_id).info.status != "RUNNING":
+                client.update_run(parent_id, status="RUNNING")  # a new step of an execution whose last step had ended
         except Exception as err:
             if not _lose(uri, err):
                 raise
     tracker = Tracker(client, run_id, exp_id, log_models=params.mlflow.log_models, label=label, uri=uri)
     if run_id is None:
         _lost.run(None, label).not_logged.append("the run itself (never created)")
+
+    def settle_parent() -> None:
+        if own_parent and parent_id and not tracker._offline():
+            try:
+                sync_parent(client, exp_id, parent_id)
+            except Exception as err:  # noqa: BLE001 - the step's own run is already ended
+                log.warning("could not update the status of the parent run %s: %s", parent_id, err)
+
     try:
         if spec is not None:
             tracker.log_params(spec)
@@ -672,6 +792,7 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
             what = "Step stopped (rerun it to resume)" if stopped else "Step failed"
             client.set_tag(run_id, "mlflow.note.content", f"**{what}**\n\n```\n{msg}\n```")
             client.set_terminated(run_id, status)
+            settle_parent()
         except Exception as end_err:  # noqa: BLE001 - the step's own error is the one to raise
             if _lose(uri, end_err):
                 _lost.run(run_id, label).not_logged.append(f"the run's end ({status}, error tag)")
@@ -689,6 +810,8 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
             raise
         _lost.run(run_id, label).not_logged.append("the run's end (FINISHED)")
         _record_lost(tracker, "FAILED", _lost.reason)
+        return
+    settle_parent()
 
 
 DATA_TAG = "dvc.md5.data/splits"  # the data a model was trained on: the DVC hash of the splits (tiny or full)

@@ -78,6 +78,9 @@ def client(argv: list[str]) -> int:
         os.execv(real, fallback)
     env = {k: v for k, v in os.environ.items() if k not in (ENV, REAL_PYTHON_ENV)}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.endswith("ch11-warm-bin"))
+    # the step runs under the server, not under this client: tell it whose child it stands in for, so that it
+    # finds the `dvc` command running it (its MLflow parent run; it stops when that process is killed)
+    env.setdefault("CH11_STAGE_PARENT", str(os.getppid()))
     request = {"argv": argv, "cwd": cwd, "env": env, "digest": code_digest(pkg), "pkg": str(pkg)}
     with sock:
         sock.sendall(json.dumps(request).encode() + b"\n")
