@@ -120,9 +120,14 @@ def setup_logging(step: str) -> logging.Logger:
         stream=sys.stderr,
         force=True,
     )
-    if os.environ.get("LOGLEVEL", "").upper() != "DEBUG":
+    if quiet_logs():
         quiet_tensorflow()
     return logging.getLogger(f"components.{step}")
+
+
+def quiet_logs() -> bool:
+    """False with ``LOGLEVEL=DEBUG``: then every line TensorFlow prints is shown."""
+    return os.environ.get("LOGLEVEL", "").upper() != "DEBUG"
 
 
 # ------------------------------------------------------------------------------------------ TensorFlow's noise
@@ -141,8 +146,8 @@ _HARMLESS = re.compile(
 
 def tensorflow_noise(line: bytes) -> bool:
     """Whether a line TensorFlow's native code wrote to stderr is noise at the current TF_CPP_MIN_LOG_LEVEL."""
-    try:
-        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    try:  # unset (a warm-server child gets its caller's environment): the package's default, see __init__.py
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL") or (2 if quiet_logs() else 0))
     except ValueError:
         level = 0
     if level <= 0:
@@ -209,9 +214,9 @@ class _QuietImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__spec__.loader = module.__loader__ = self.loader  # the module sees its own loader, as usual
         with native_stderr_filtered():
             self.loader.exec_module(module)
-            from .tracking import device
+        from .tracking import device
 
-            device()
+        device()
 
 
 def quiet_tensorflow() -> None:

@@ -64,6 +64,18 @@ kfp_step.run_step("standardize", Path({str(tmp_path / 'task.yaml')!r}).read_text
     assert (out / "m.json").is_file()
 
 
+def test_a_stage_through_the_warm_server_is_quiet_too(tiny_ws, tmp_path):
+    """`make repro` runs stages through tools/warm.py: the server's TensorFlow import and the forked stage's
+    first GPU query (the child gets its caller's environment, without TF_CPP_MIN_LOG_LEVEL) are filtered too."""
+    out = tmp_path / "out"
+    proc = run([sys.executable, str(ROOT / "tools/warm.py"), "run", "--", "python", "-m", "components", "standardize",
+                "--bind", f"scaler_path={out / 'scaler.npz'}", "--bind", f"metrics_path={out / 'scaler.json'}"],
+               cwd=tiny_ws, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL=None, LOGLEVEL=None)
+    assert "[warm] serving: python -m components standardize" in proc.stderr, proc.stderr[-3000:]
+    assert_quiet(proc.stdout + proc.stderr, "standardize")
+    assert (out / "scaler.npz").is_file()
+
+
 def test_the_filter_drops_only_noise_and_debug_keeps_everything(tmp_path):
     """Native writes to fd 2 go through the filter: known noise and lines under TF_CPP_MIN_LOG_LEVEL are dropped,
     a real error and Python's own output pass; LOGLEVEL=DEBUG leaves TensorFlow's level at 0 (everything)."""
