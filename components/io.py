@@ -33,14 +33,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as err:
-        raise _disk_full(err, path) from err
+        _raise_if_disk_full(err, path)
+        raise
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
     except OSError as err:
-        raise _disk_full(err, path) from err
+        _raise_if_disk_full(err, path)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -53,26 +55,25 @@ class DiskFullError(OSError):
         return self.strerror or "no space left on device"
 
 
-def disk_full_message(path: str | os.PathLike[str] | None) -> str:
+def disk_full_message(path: str | os.PathLike[str] | None, atomic: bool = False) -> str:
     """What a user needs when a write fails for lack of space: which file, how much is free there, what to do."""
-    where = Path(path) if path else Path.cwd()
-    probe = where
+    probe = Path(path).absolute() if path else Path.cwd()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
         free = f"{shutil.disk_usage(probe).free / 2**20:,.0f} MiB free on that file system"
     except OSError:
         free = "free space unknown"
-    return (f"no space left on the device while writing {where} ({free}); nothing half-written was kept. Free some "
-            "space (old `dvc exp` runs: `dvc exp gc`, the DVC cache: `dvc gc`, MLflow's mlartifacts/, "
-            ".checkpoints/) or move the workspace to a larger disk, then rerun the same command")
+    what = f"while writing {path}" if path else f"(working directory {Path.cwd()})"
+    kept = "; nothing half-written was kept" if atomic else ""
+    return (f"no space left on the device {what} ({free}){kept}. Free some space (the DVC cache: see `dvc gc`; "
+            "MLflow's mlartifacts/; .checkpoints/) or move the workspace to a larger disk, then rerun the same command")
 
 
-def _disk_full(err: OSError, path: Path) -> OSError:
-    """``err`` itself, unless it says the disk is full: then a DiskFullError naming ``path``."""
-    if isinstance(err, DiskFullError) or err.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return err
-    return DiskFullError(err.errno, disk_full_message(path), str(path))
+def _raise_if_disk_full(err: OSError, path: Path) -> None:
+    """A DiskFullError naming ``path`` if ``err`` says the disk is full (or the quota is used up)."""
+    if not isinstance(err, DiskFullError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(err.errno, disk_full_message(path, atomic=True), str(path)) from err
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
@@ -174,9 +175,10 @@ def native_stderr_filtered(drop: Callable[[bytes], bool] = tensorflow_noise) -> 
 
     def pump() -> None:
         with os.fdopen(r, "rb") as src:
-            for line in src:
+            for line in src:  # keeps draining even if stderr went away: a full pipe would block the writer
                 if not drop(line):
-                    os.write(saved, line)
+                    with contextlib.suppress(OSError):
+                        os.write(saved, line)
 
     t = threading.Thread(target=pump, name="stderr-filter", daemon=True)
     t.start()

@@ -28,7 +28,7 @@ NOISE = ("cuInit", "oneDNN custom operations", "TF-TRT", "absl::InitializeLog", 
 
 def assert_quiet(stderr: str, step: str) -> None:
     noisy = [line for line in stderr.splitlines() if any(n in line for n in NOISE)]
-    assert not noisy, f"TensorFlow noise in the step's log:\n" + "\n".join(noisy)
+    assert not noisy, "TensorFlow noise in the step's log:\n" + "\n".join(noisy)
     devices = [line for line in stderr.splitlines() if line.startswith(f"[{step}] device: ")]
     assert len(devices) == 1, f"expected one device line:\n{stderr[-3000:]}"
     assert re.match(rf"\[{step}\] device: (CPU \(.+ cores\), no GPU|GPU x\d+ \(.+\)), TensorFlow \d", devices[0]), devices[0]
@@ -159,6 +159,13 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
     with pytest.raises(PermissionError):  # other errors pass unchanged
         with atomic_path(tmp_path / "x"):
             raise PermissionError(errno.EACCES, "denied")
+    # a full disk outside the atomic writers (MLflow's artifacts, a checkpoint): the step's one line still says so
+    from components.__main__ import explain
+
+    line = explain(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "mlartifacts/x")),
+                   registry.get("standardize"), None, {})
+    assert line.startswith(f"no space left on the device while writing {tmp_path / 'mlartifacts/x'}") and "MiB free" in line
+    assert "half-written" not in line  # not one of ours: no promise about what it left
 
 
 def test_a_step_on_a_full_disk_says_which_file(tiny_ws, tmp_path):
