@@ -8,8 +8,9 @@ imported only by the training steps that need it.
 
 import os as _os
 
-# TensorFlow C++ INFO lines (CUDA probing, oneDNN, XLA notices) are noise for a user; warnings still show.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow C++ INFO lines (CUDA probing, oneDNN, XLA notices) are noise for a user; warnings still show
+# (io.setup_logging filters what TensorFlow prints before this setting takes effect). LOGLEVEL=DEBUG shows all.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if _os.environ.get("LOGLEVEL", "").upper() == "DEBUG" else "2")
 if not _os.path.exists("/dev/nvidiactl"):  # no NVIDIA driver here: skip CUDA probing (and its error lines)
     _os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 

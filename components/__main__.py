@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
 from . import config, process, registry
 from .config import ParamsError, load_params
-from .io import Terminated, setup_logging, stop_on_sigterm
+from .io import DiskFullError, Terminated, disk_full_message, setup_logging, stop_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,9 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(err, Terminated) else 130
     except Exception as err:  # noqa: BLE001 - one clear line for the user, the traceback with LOGLEVEL=DEBUG
         log.debug("traceback", exc_info=True)
-        log.error("%s: %s", type(err).__name__, err)
+        log.error("%s", explain(err, step, item, paths))
         return 1
     return 0
+
+
+def explain(err: Exception, step: registry.Step, item: str | None, paths: dict) -> str:
+    """One line for a failed step: what happened and, for a missing input or a full disk, what to do."""
+    if isinstance(err, (registry.MissingInput, DiskFullError)):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full_message(err.filename)
+    if isinstance(err, FileNotFoundError):  # a file inside an input folder (pyarrow puts the path in the message)
+        missing = err.filename or (err.args[0] if len(err.args) == 1 else None)
+        hint = registry.missing_hint(step, item, paths, missing) if isinstance(missing, (str, Path)) else None
+        if hint:
+            return hint
+    return f"{type(err).__name__}: {err}"
 
 
 def _params_args(p: argparse.ArgumentParser) -> None:

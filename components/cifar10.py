@@ -39,6 +39,9 @@ TEST_BATCH = "test_batch"
 META = "batches.meta"
 SIDE, CHANNELS = 32, 3
 PIXELS = SIDE * SIDE * CHANNELS
+# The largest batch the reader accepts (each real one is ~31 MB): a member past it (a gzip bomb: gigabytes of
+# zeros compress to a few MB) is refused before it is read into memory.
+MAX_MEMBER_BYTES = 64 * 2**20
 
 NETWORK_HINT = (
     "CIFAR-10 needs a network: no offline package ships it. Connect to one of the mirrors above, or put a copy "
@@ -153,8 +156,9 @@ class Cifar10Arrays:
     class_names: list[str]
 
 
-def read_archive(path: Path) -> Cifar10Arrays:
-    """Read the five training batches, the test batch and the class names straight out of the tarball."""
+def read_archive(path: Path, max_member_bytes: int = MAX_MEMBER_BYTES) -> Cifar10Arrays:
+    """Read the five training batches, the test batch and the class names straight out of the tarball
+    (a member larger than ``max_member_bytes`` is refused)."""
     try:
         tar = tarfile.open(path, "r:gz")
     except (tarfile.TarError, OSError) as err:
@@ -170,6 +174,12 @@ def read_archive(path: Path) -> Cifar10Arrays:
             member = by_name.get(f"{BATCH_DIR}/{name}")
             if member is None or not member.isfile():
                 raise ArchiveError(f"{path}: no regular file {BATCH_DIR}/{name} (is this cifar-10-python.tar.gz?)")
+            # tarfile yields exactly the size in the member's header: checked first, nothing past it is ever read
+            if member.size > max_member_bytes:
+                raise ArchiveError(
+                    f"{path}: {member.name} is {member.size / 2**20:,.0f} MiB, over the {max_member_bytes / 2**20:g} MiB "
+                    "a CIFAR-10 batch can be (each is ~31 MB): not the CIFAR-10 archive (a damaged file or a "
+                    "decompression bomb); refused before reading it into memory")
             f = tar.extractfile(member)
             assert f is not None
             return _unpickle(f.read(), name)

@@ -271,11 +271,66 @@ def task_params(raw: dict[str, Any], step: Step, item: str | None = None) -> dic
     return copy.deepcopy(keep)
 
 
+class MissingInput(FileNotFoundError):
+    """An input of a step is not there; the message names it and the stage that makes it."""
+
+    def __str__(self) -> str:
+        return self.strerror or "missing input"
+
+
+def producer(path: str, pipeline: Pipeline) -> Step | None:
+    """The step of ``pipeline`` that writes workspace ``path``: the file itself, a folder it fills (one file per
+    foreach entry) or the folder the file lives in."""
+    path = path.rstrip("/")
+    for s in pipeline.steps:
+        for out in (*s.outputs.values(), *s.metrics.values(), *s.plots.values()):
+            if out == path or out.startswith(path + "/") or path.startswith(out.rstrip("/") + "/"):
+                return s
+    return None
+
+
+def missing_hint(step: Step, item: str | None, paths: dict[str, Any], *missing: Any) -> str | None:
+    """What to tell a user when ``missing`` (paths the step needed) are not there: which, which stages make
+    them and how to run those. None when one of them is not an input of the step."""
+    workspace = step.bind(item)
+    pipeline = pipeline_of(step.name)
+    names, makers, elsewhere = [], [], []
+    for target in missing:
+        target = os.path.normpath(str(target))
+        kwarg = next((k for k in step.inputs if target == (g := os.path.normpath(str(paths.get(k, workspace[k]))))
+                      or target.startswith(g + os.sep)), None)
+        if kwarg is None:
+            return None
+        names.append(f"{target} (input {kwarg})")
+        maker = producer(workspace[kwarg], pipeline)
+        if maker is not None and maker.name not in makers:
+            makers.append(maker.name)
+        if os.path.normpath(str(paths.get(kwarg, workspace[kwarg]))) != os.path.normpath(workspace[kwarg]):
+            elsewhere.append(f"{workspace[kwarg]} in the DVC workspace")  # --bind, a Kubeflow artifact
+    what = (f"{names[0]} is missing" if len(names) == 1 else f"{len(names)} inputs are missing: {', '.join(names)}")
+    if not makers:
+        return what
+    if elsewhere:
+        return f"{what}; stage {', '.join(makers)} writes {', '.join(elsewhere)}"
+    where = "" if pipeline.directory == "." else f" in {pipeline.directory}/ (a DVC project of its own)"
+    whole = " (or `make repro` for the whole chapter)" if pipeline.name == "main" else ""
+    return f"{what}: run `dvc repro {' '.join(makers)}`{where}{whole}"
+
+
+def check_inputs(step: Step, item: str | None, paths: dict[str, Any]) -> None:
+    """Fail at once, before any heavy import, when an input of the step is not there."""
+    missing = [paths[k] for k in step.inputs if k in paths and not os.path.exists(paths[k])]
+    if missing:
+        raise MissingInput(2, missing_hint(step, item, paths, *missing), str(missing[0]))
+
+
 def call(step: Step, params: Any, item: str | None, paths: dict[str, Any]) -> Any:
     """Run ``step``: its module's entry function with the params, the foreach entry and its paths (the run()
-    arguments named in the registry). The one call `python -m components` and a Kubeflow task both make."""
+    arguments named in the registry). The one call `python -m components` and a Kubeflow task both make.
+    A missing input fails here, before the step's module (and TensorFlow) is imported."""
     import importlib
 
+    check_inputs(step, item, paths)
     from . import tracking
 
     fn = getattr(importlib.import_module(f"components.{step.module}"), step.entry)

@@ -257,14 +257,43 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def device() -> str:
-    try:
-        import tensorflow as tf
+_DEVICE: str | None = None
 
-        gpus = tf.config.list_physical_devices("GPU")
-    except Exception:  # noqa: BLE001
-        gpus = []
-    return f"GPU x{len(gpus)}" if gpus else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+def device() -> str:
+    """Where TensorFlow runs, in one line (``GPU x1 (NVIDIA H100 80GB HBM3), TensorFlow 2.21.0`` or
+    ``CPU (x86_64, 2 cores), no GPU, TensorFlow 2.21.0``); logged once per process, the first time it is asked.
+    The first GPU query is where TensorFlow prints its CUDA noise: filtered as at its import (io.quiet_tensorflow)."""
+    from .io import native_stderr_filtered, quiet_logs
+
+    global _DEVICE
+    if _DEVICE is not None:
+        return _DEVICE
+    cpu = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    with native_stderr_filtered() if quiet_logs() else contextlib.nullcontext():
+        try:
+            import tensorflow as tf
+
+            if _DEVICE is not None:  # the first import of TensorFlow asked already (io.quiet_tensorflow)
+                return _DEVICE
+            gpus = tf.config.list_physical_devices("GPU")
+            names = []
+            for g in gpus:
+                try:
+                    names.append(tf.config.experimental.get_device_details(g).get("device_name") or g.name)
+                except Exception:  # noqa: BLE001 - details are optional
+                    names.append(g.name)
+            tf_version = f"TensorFlow {tf.__version__}"
+        except Exception as err:  # noqa: BLE001 - TensorFlow missing or broken: say so, the step decides
+            gpus, names, tf_version = [], [], f"TensorFlow unavailable ({type(err).__name__})"
+    if gpus:
+        _DEVICE = f"GPU x{len(gpus)} ({', '.join(dict.fromkeys(names))}), {tf_version}"
+    else:
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES") == "-1" and os.path.exists("/dev/nvidiactl")
+        hidden = " visible (CUDA_VISIBLE_DEVICES=-1)" if hidden else ""
+        _DEVICE = f"{cpu}, no GPU{hidden}, {tf_version}"
+    log.info("device: %s", _DEVICE)
+    return _DEVICE
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -129,23 +129,26 @@ def write_shims(directory: Path, python: str) -> None:
 # ------------------------------------------------------------------------------------------ server
 
 def _preload() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import importlib
+
+    sys.path.insert(0, str(ROOT))
+    from components.io import native_stderr_filtered, quiet_logs
 
     # What a stage child would otherwise import itself, every time: TensorFlow/Keras, matplotlib (pyplot:
     # the plots), and MLflow's sqlite store with SQLAlchemy, Alembic and GitPython (2 s per stage when
-    # a child first opens the tracking store), pyarrow's Parquet reader.
-    for name in ("tensorflow", "keras", "matplotlib", "mlflow", "mlflow.keras", "mlflow.pyfunc",
-                 "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
-                 "mlflow.store.tracking.sqlalchemy_workspace_store", "mlflow.store.tracking.file_store",
-                 "mlflow.models.display_utils", "sqlalchemy.dialects.sqlite", "alembic.command", "alembic.config",
-                 "alembic.autogenerate", "git", "pyarrow.parquet", "pyarrow.dataset", "pyarrow.pandas_compat"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # an optional part missing: the child imports (or fails) as it would without us
-            pass
+    # a child first opens the tracking store), pyarrow's Parquet reader. TensorFlow's import noise is
+    # filtered as a stage filters it (no GPU query here: each child asks, after the fork).
+    with native_stderr_filtered() if quiet_logs() else contextlib.nullcontext():
+        for name in ("tensorflow", "keras", "matplotlib", "mlflow", "mlflow.keras", "mlflow.pyfunc",
+                     "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+                     "mlflow.store.tracking.sqlalchemy_workspace_store", "mlflow.store.tracking.file_store",
+                     "mlflow.models.display_utils", "sqlalchemy.dialects.sqlite", "alembic.command", "alembic.config",
+                     "alembic.autogenerate", "git", "pyarrow.parquet", "pyarrow.dataset", "pyarrow.pandas_compat"):
+            try:
+                importlib.import_module(name)
+            except ImportError:  # an optional part missing: the child imports (or fails) as it would without us
+                pass
 
-    sys.path.insert(0, str(ROOT))
     from components import __main__, diagnostics, experiment, mc_dropout, models, registry, report, tracking, train, transfer  # noqa: F401
     from components.plots import pyplot
 
