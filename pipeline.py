@@ -121,7 +121,8 @@ def selu_simulation(params: str, data_version: str, figure_path: Output[Artifact
 def report(params: str, data_version: str, experiments_dir: Input[List[Metrics]], model_a_metrics: Input[Metrics],
            model_b_metrics: Input[Metrics], b_on_a_metrics: Input[Metrics], mc_json: Input[Metrics],
            histories_dir: Input[List[Dataset]], card_json: Input[Metrics], selu_simulation_json: Input[Metrics],
-           figures_dir: Output[Artifact], report_md: Output[Markdown], report_json: Output[Metrics]):
+           figures_dir: Output[Artifact], report_md: Output[Markdown], report_json: Output[Metrics],
+           summary_json: Output[Metrics]):
     artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
     from components.kfp_step import run_step
 
