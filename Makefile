@@ -48,7 +48,11 @@ PLOTS_JS := tools/plots/node_modules/.installed
 plots-js: $(PLOTS_JS)
 
 $(PLOTS_JS): tools/plots/package.json tools/plots/package-lock.json
-	@command -v npm >/dev/null || { echo "==> npm is missing: install Node.js (Debian: sudo apt-get install npm)"; exit 1; }
+	@if command -v npm >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "==> installing Debian npm (for the pinned vega of make plots)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; \
+	else echo "==> npm is missing and this is not root: sudo apt-get install npm"; exit 1; fi
 	cd tools/plots && npm ci --no-audit --no-fund --ignore-scripts
 	touch $@
 
