@@ -12,7 +12,7 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup dataset browser repro test lock dvc-yaml mlflow-ui benchmark cifar10
+.PHONY: setup dataset browser plots-js plots repro test lock dvc-yaml mlflow-ui benchmark cifar10
 
 setup: $(VENV)/.installed
 
@@ -42,12 +42,30 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "==> chromium missing and not root: the browser test will be skipped (sudo apt-get install chromium)"; fi
 
+# `dvc plots show` that renders offline: vega, vega-lite and vega-embed from the npm registry (pinned in
+# tools/plots/package-lock.json), loaded from tools/plots/node_modules by the template tools/plots/offline.html.
+PLOTS_JS := tools/plots/node_modules/.installed
+plots-js: $(PLOTS_JS)
+
+$(PLOTS_JS): tools/plots/package.json tools/plots/package-lock.json
+	@if command -v npm >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "==> installing Debian npm (for the pinned vega of make plots)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; \
+	else echo "==> npm is missing and this is not root: sudo apt-get install npm"; exit 1; fi
+	cd tools/plots && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
+plots: setup plots-js
+	dvc plots show --html-template tools/plots/offline.html -o dvc_plots
+	@echo "==> open $(CURDIR)/dvc_plots/index.html (works offline; JavaScript from tools/plots/node_modules)"
+
 repro: setup dataset
 	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} python tools/warm.py run -- python tools/repro.py
 	@echo "==> done. Report: $(CURDIR)/reports/report.md (figures in reports/figures/);"
 	@echo "    metrics: dvc metrics show; runs: make mlflow-ui, then http://127.0.0.1:5000"
 
-test: setup dataset browser
+test: setup dataset browser plots-js
 	pytest
 
 lock:

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m components", description=__doc__)
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
-    for s in (s for pipeline in registry.PIPELINES.values() for s in pipeline.steps):
+    for s in (s for pipeline in registry.PIPELINES.values() for s in pipeline.dvc_steps):
         p = sub.add_parser(s.name, help=s.description)
         if s.foreach:
             p.add_argument("name", help=f"which entry of '{s.foreach}' in params.yaml")
@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(getattr(args, "params", None), getattr(args, "set", None), getattr(config, pipeline.schema))
     except ParamsError as err:
         log.error("%s", err)
+        if args.step != "check-params" and registry.is_guard(registry.get(args.step)):
+            from .params_guard import after_rejection
+
+            log.error("%s", after_rejection(getattr(args, "params", None)))
         if pipeline.directory != ".":
             log.error("the %s steps read %s/params.yaml: run them from %s/ (e.g. `cd %s && dvc repro`)",
                       pipeline.name, pipeline.directory, pipeline.directory, pipeline.directory)

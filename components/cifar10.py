@@ -259,9 +259,23 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scalars `dvc metrics show` lists (it shows no lists): the best variant on validation accuracy, its test
+    accuracy, the best MC-dropout accuracy."""
+    out: dict[str, Any] = {}
+    scored = [r for r in rows if r.get("valid_accuracy") is not None]
+    if scored:
+        best = max(scored, key=lambda r: r["valid_accuracy"])
+        out.update(best=best["variant"], best_test=best.get("test_accuracy"))
+    mc = [r["mc_accuracy"] for r in rows if r.get("mc_accuracy") is not None]
+    if mc:
+        out["mc_dropout"] = max(mc)
+    return out
+
+
 def run_summary(params: Cifar10Params, experiments_dir: Path, mc_json: Path, summary_md: Path, summary_json: Path) -> list[dict]:
     rows = summarize(params, experiments_dir, mc_json)
-    write_json(summary_json, {"variants": rows})
+    write_json(summary_json, {**headline(rows), "variants": rows})
     write_text(summary_md, summary_markdown(rows))
     for r in rows:
         log.info("%-14s valid %.4f  test %.4f  (%s epochs, best %s, %.1fs/epoch)", r["variant"], r["valid_accuracy"],

@@ -152,7 +152,7 @@ STEPS: tuple[Step, ...] = (
                 "mc_json": "metrics/mc_dropout.json", "histories_dir": "plots/experiments", "card_json": "metrics/dataset_card.json",
                 "selu_simulation_json": "metrics/selu_simulation.json"},
         outputs={"figures_dir": "reports/figures", "report_md": "reports/report.md"},
-        metrics={"report_json": "metrics/report.json"},
+        metrics={"report_json": "metrics/report.json", "summary_json": "metrics/summary.json"},
         params=("experiments", "transfer.seeds"),
         code=("data/book_values.yaml",),
         description="Gather every experiment into one table (Markdown + JSON) with the book's values and learning curves.",
@@ -205,15 +205,43 @@ CIFAR10_STEPS: tuple[Step, ...] = (
 )
 
 
+# The DVC-only first stage of a pipeline: it validates the whole params.yaml (all keys are its params) and writes a
+# constant file that every stage without inputs depends on, so DVC runs it before any other stage and a rejected
+# value (`dvc exp run -S ...` or an edit) stops the run before DVC deletes any output. Its output is `persist`ed
+# (DVC never deletes it) and never changes, so it re-runs nothing downstream. Kubeflow needs no such stage:
+# pipeline.py validates the params before it compiles anything.
+PARAMS_CHECK = "metrics/params_check.json"
+
+
+def params_guard(name: str) -> Step:
+    return Step(
+        name=name,
+        module="params_guard",
+        outputs={"out_path": PARAMS_CHECK},
+        code=("config",),
+        description="Validate params.yaml (every key) before any other stage runs: a rejected value touches no output.",
+    )
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """A DVC pipeline rendered from this registry: its steps, its folder (dvc.yaml and params.yaml live
-    there; a folder other than "." is a DVC project of its own) and the schema of its params.yaml."""
+    there; a folder other than "." is a DVC project of its own), the schema of its params.yaml, its params
+    guard (a DVC-only first stage, see ``params_guard``) and its summary: the one metrics file DVC shows
+    (`dvc metrics show`, `dvc exp show`); the other metrics files are plain outputs (cache: false), for
+    `dvc metrics show <file>`."""
 
     name: str
-    steps: tuple[Step, ...]
+    steps: tuple[Step, ...]  # the steps that run on Kubeflow too (pipeline.py)
     directory: str = "."
     schema: str = "Params"  # a class of components.config
+    guard: Step | None = None
+    summary: str | None = None  # a metrics path of one of the steps
+
+    @property
+    def dvc_steps(self) -> tuple[Step, ...]:
+        """The stages of dvc.yaml: the params guard first, then the steps."""
+        return ((self.guard,) if self.guard else ()) + self.steps
 
     @property
     def dvc_yaml(self) -> str:
@@ -227,13 +255,18 @@ class Pipeline:
 
 
 PIPELINES: dict[str, Pipeline] = {
-    "main": Pipeline("main", STEPS),
-    "cifar10": Pipeline("cifar10", CIFAR10_STEPS, directory="cifar10", schema="Cifar10Params"),
+    "main": Pipeline("main", STEPS, guard=params_guard("check_params"), summary="metrics/summary.json"),
+    "cifar10": Pipeline("cifar10", CIFAR10_STEPS, directory="cifar10", schema="Cifar10Params",
+                        guard=params_guard("cifar10_check_params"), summary="metrics/summary.json"),
 }
 
 
 def pipeline_of(step_name: str) -> Pipeline:
-    return next(p for p in PIPELINES.values() if any(s.name == step_name for s in p.steps))
+    return next(p for p in PIPELINES.values() if any(s.name == step_name for s in p.dvc_steps))
+
+
+def is_guard(step: Step) -> bool:
+    return any(p.guard == step for p in PIPELINES.values())
 
 
 def foreach_entries(params: Any, key: str) -> list[str]:
@@ -339,7 +372,7 @@ def call(step: Step, params: Any, item: str | None, paths: dict[str, Any]) -> An
 
 
 def get(name: str) -> Step:
-    steps = [s for p in PIPELINES.values() for s in p.steps]
+    steps = [s for p in PIPELINES.values() for s in p.dvc_steps]
     for s in steps:
         if s.name == name:
             return s
@@ -356,10 +389,14 @@ def _foreach_is_mapping(foreach: str) -> bool:
     return foreach == "experiments"
 
 
-def dvc_stage(step: Step, root: str = "") -> dict[str, Any]:
-    """The stage of ``step``; ``root`` is the repository root seen from the dvc.yaml's folder ("" or "../")."""
+def dvc_stage(step: Step, root: str = "", pipeline: Pipeline | None = None) -> dict[str, Any]:
+    """The stage of ``step``; ``root`` is the repository root seen from the dvc.yaml's folder ("" or "../");
+    ``pipeline`` gives the params guard (a dep of every stage without inputs) and the summary metrics file."""
     code = [f"{root}components/{c}" if "." in c else f"{root}components/{c}.py" for c in (step.module, *step.code)]
     deps = code + list(step.inputs.values())
+    guard = pipeline.guard if pipeline else None
+    if guard and step != guard and not step.inputs:  # every other stage is downstream of one of these
+        deps += list(guard.outputs.values())
     fe = step.foreach
     stage: dict[str, Any] = {"desc": step.description}
     cmd = (f"PYTHONPATH={root.rstrip('/')} " if root else "") + f"python -m components {step.name}"
@@ -367,11 +404,18 @@ def dvc_stage(step: Step, root: str = "") -> dict[str, Any]:
         cmd += " ${key}" if _foreach_is_mapping(fe) else " ${item}"
     stage["cmd"] = cmd
     stage["deps"] = [_dvc_path(d, fe) for d in deps]
+    if guard and step == guard:  # all of params.yaml, then an output DVC never deletes (and git keeps)
+        stage["params"] = [{"params.yaml": None}]
+        stage["outs"] = [{p: {"cache": False, "persist": True}} for p in step.outputs.values()]
+        return stage
     if step.params:
         stage["params"] = [_dvc_path(p, fe) for p in step.params]
     stage["outs"] = [_dvc_path(p, fe) for p in step.outputs.values()]
-    if step.metrics:
-        stage["metrics"] = [{_dvc_path(p, fe): {"cache": False}} for p in step.metrics.values()]
+    summary = pipeline.summary if pipeline else None
+    shown = [p for p in step.metrics.values() if summary is None or p == summary]
+    stage["outs"] += [{_dvc_path(p, fe): {"cache": False}} for p in step.metrics.values() if p not in shown]
+    if shown:
+        stage["metrics"] = [{_dvc_path(p, fe): {"cache": False}} for p in shown]
     if step.plots:
         axes = {k: step.plot_axes.get(k, ("epoch", step.plot_y)) for k in step.plots}
         stage["plots"] = [{_dvc_path(p, fe): {"cache": False, "x": axes[k][0], "y": axes[k][1]}} for k, p in step.plots.items()]
@@ -385,5 +429,5 @@ HEADER = "# Rendered from components/registry.py by `make dvc-yaml`; do not edit
 
 def render_dvc_yaml(pipeline: str = "main") -> str:
     p = PIPELINES[pipeline]
-    doc = {"stages": {s.name: dvc_stage(s, p.root) for s in p.steps}}
+    doc = {"stages": {s.name: dvc_stage(s, p.root, p) for s in p.dvc_steps}}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)

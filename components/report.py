@@ -327,6 +327,30 @@ def reproduction_md(rows: list[dict]) -> list[str]:
     return md
 
 
+def summary(report: dict, metric: str = "valid_accuracy") -> dict[str, Any]:
+    """The few numbers `dvc metrics show` / `dvc exp show` list (the one DVC metrics file of the chapter): the best
+    variant (on ``metric``, as the model registry picks it) and its test accuracy; the test accuracy of model A,
+    model B and B-on-A (means over seeds); the best MC-dropout accuracy. Short flat keys, rounded values: one
+    line that fits a terminal. The full numbers are in metrics/report.json and in each step's own file
+    (`dvc metrics show metrics/experiments/<name>.json`)."""
+    def r(v: Any) -> Any:
+        return round(float(v), 4) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    out: dict[str, Any] = {}
+    rows = [row for row in report.get("experiments", []) if row.get(metric) is not None]
+    if rows:
+        best = max(rows, key=lambda row: row[metric])
+        out.update(best=best["experiment"], best_test=r(best.get("test_accuracy")))
+    t = report.get("transfer")
+    if t:
+        out.update(model_a=r(t["model_a_test_accuracy"]), model_b=r(t["model_b_test_accuracy"][0]),
+                   b_on_a=r(t["b_on_a_test_accuracy"][0]))
+    mc = [m["mc_accuracy"] for m in (report.get("mc_dropout") or {}).values() if m.get("mc_accuracy") is not None]
+    if mc:
+        out["mc_dropout"] = r(max(mc))
+    return out
+
+
 def log_to_mlflow(params: Params, report: dict, experiments: dict[str, dict], files: list[Path]) -> None:
     """The report on its own child run and on the parent run; register the best variant; finish the parent."""
     from . import tracking
@@ -359,6 +383,7 @@ def run(
     params: Params, experiments_dir: Path, model_a_metrics: Path, model_b_metrics: Path, b_on_a_metrics: Path,
     mc_json: Path, histories_dir: Path, card_json: Path,
     figures_dir: Path, report_md: Path, report_json: Path, selu_simulation_json: Path | None = None,
+    summary_json: Path | None = None,
 ) -> dict:
     experiments = {p.stem: read_json(p) for p in sorted(Path(experiments_dir).glob("*.json")) if p.stem in params.experiments}
     missing = sorted(set(params.experiments) - set(experiments))
@@ -374,6 +399,9 @@ def run(
     learning_curves(Path(figures_dir), histories)
     write_text(report_md, md)
     write_json(report_json, report)
-    log_to_mlflow(params, report, experiments, [Path(report_md), Path(report_json), Path(figures_dir)])
+    if summary_json is not None:
+        write_json(summary_json, summary(report, params.mlflow.registry.metric))
+    log_to_mlflow(params, report, experiments, [Path(report_md), Path(report_json), Path(figures_dir)]
+                  + ([Path(summary_json)] if summary_json is not None else []))
     log.info("report: %d experiments -> %s", len(experiments), Path(report_md).resolve())
     return report

@@ -284,8 +284,12 @@ def test_the_whole_cifar10_pipeline_runs_on_the_tiny_tarball(served, tmp_path, m
     mc = json.loads(Path("metrics/mc_dropout.json").read_text())
     assert list(mc) == ["alpha_dropout"] and mc["alpha_dropout"]["samples"] == 10
     assert [r["variant"] for r in rows] == list(p.experiments)
-    summary = json.loads(Path("metrics/summary.json").read_text())["variants"]
+    top = json.loads(Path("metrics/summary.json").read_text())
+    summary = top["variants"]
     assert summary[4]["mc_accuracy"] == mc["alpha_dropout"]["mc_accuracy"]
+    best = max(summary, key=lambda r: r["valid_accuracy"])  # the scalars `dvc metrics show` lists
+    assert (top["best"], top["best_test"], top["mc_dropout"]) == (best["variant"], best["test_accuracy"],
+                                                                  mc["alpha_dropout"]["mc_accuracy"])
     md = Path("reports/summary.md").read_text()
     assert "| variant | lr | batch | valid acc | test acc |" in md and all(f"| {n} |" in md for n in p.experiments)
 

@@ -36,6 +36,12 @@ def test_every_stage_runs_and_the_report_holds_every_experiment(repo, repro):
     assert "Data and pipelines are up to date" in repro  # the closing plain `dvc repro` found nothing left
     assert "[warm] serving: python -m components experiment " in repro  # stages went through the warm server
     report = json.loads((repo / "metrics/report.json").read_text())
+    summary = json.loads((repo / "metrics/summary.json").read_text())  # the one file `dvc metrics show` lists
+    best = max(report["experiments"], key=lambda r: r["valid_accuracy"])
+    assert (summary["best"], summary["best_test"]) == (best["experiment"], round(best["test_accuracy"], 4))
+    assert summary["b_on_a"] == round(report["transfer"]["b_on_a_test_accuracy"][0], 4)
+    shown = run(["dvc", "metrics", "show"], cwd=repo).stdout
+    assert "metrics/summary.json" in shown and max(map(len, shown.splitlines())) < 120, shown[:300]
     assert {r["experiment"] for r in report["experiments"]} == set(params["experiments"])
     assert report["transfer"]["seeds"] == params["transfer"]["seeds"]
     assert set(report["mc_dropout"]) == set(params["mc_dropout"]["sources"])

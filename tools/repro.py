@@ -143,9 +143,27 @@ def prepare_tracking_store() -> None:
                         uri], check=True, capture_output=True)
 
 
+def params_guards() -> set[str]:
+    """The params guards of components/registry.py: DVC-only first stages whose output never changes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package (run as a script)
+    from components import registry
+
+    return {p.guard.name for p in registry.PIPELINES.values() if p.guard}
+
+
 def run(jobs: int) -> int:
     nodes, ups = dag()
     todo = out_of_date(nodes, ups)
+    first = [n for n in todo if n in params_guards() and not ups[n]]
+    if first:  # a params edit makes the guard stale and so, on paper, every stage below it: run it alone, then ask
+        for n in first:  # DVC again (its output never changes, so only what the edit really touches is left)
+            print(f"[repro] params first: dvc repro --single-item {n}", flush=True)
+            rc = subprocess.call([_dvc(), "--wait-for-lock", "repro", "--single-item", n])
+            if rc:
+                print(f"[repro] {n} rejected the params: nothing else ran; fix params.yaml and run the same command "
+                      "again", file=sys.stderr, flush=True)
+                return rc
+        todo = out_of_date(nodes, ups)
     if todo and jobs > 1:
         prepare_tracking_store()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
