@@ -447,11 +447,13 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
 
         hashes = dvc_hashes(paths)
-        remote = dvc_remote()
+        remote = dvc_remote_url()
         inputs, tags = [], {}
         for p in paths:
             digest = hashes.get(p, "untracked")
-            ds = MetaDataset(HTTPDatasetSource(f"dvc://{p}" + (f"?remote={remote}" if remote else "")), name=p, digest=digest[:36])
+            # the output's object in the DVC remote (a directory's: its .dir manifest), else the DVC path
+            url = dvc_object_url(remote, hashes.get(p, ""))
+            ds = MetaDataset(_dataset_source(url) if url else HTTPDatasetSource(f"dvc://{p}"), name=p, digest=digest[:36])
             # what mlflow.log_input sends, in one call and without a fluent start_run per dataset
             inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
                 InputTag("mlflow.data.context", "training"), InputTag("dvc.md5", digest), InputTag("dvc.path", p)]))
