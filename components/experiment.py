@@ -27,6 +27,22 @@ def load_scaler_if(exp: Experiment, scaler_path: Path | None):
     return load_scaler(scaler_path)
 
 
+def checkpoint_for(name: str, exp: Experiment, params: Params, data_id: str, seed: int) -> train.Checkpoint:
+    """Where a training's resume state lives, keyed by spec, seed, data (``data_id``) and runtime; the step's
+    MLflow run id is kept there too (tracking.step_run's ``resume``). A one-cycle ``max_lr`` left to the LR-range
+    test is not in the key: the test runs on the same data, seed and runtime, so it is a function of the key."""
+    key = train.state_key(name, exp.model_dump(), seed, data_id, params.runtime.model_dump())
+    return train.Checkpoint(Path(params.runtime.checkpoint_dir) / f"{name}-{key}")
+
+
+def split_digests(splits_dir: Path, task: str) -> str:
+    """The task's splits' content hashes, from the files' metadata (no page read): the data part of a checkpoint
+    key known before the data are loaded (every read checks the hash: components/dataset.py)."""
+    from .dataset import DIGEST_KEY, read_meta
+
+    return ",".join(read_meta(Path(splits_dir) / f"{task}_{s}.parquet").get(DIGEST_KEY, "") for s in ("train", "valid", "test"))
+
+
 def train_experiment(
     name: str,
     exp: Experiment,
@@ -35,6 +51,7 @@ def train_experiment(
     scaler=None,
     seed: int | None = None,
     callbacks: list | None = None,
+    checkpoint: train.Checkpoint | None = None,
 ) -> tuple[Any, dict[str, Any], list[dict], dict[str, Any]]:
     """Pure-ish core: spec + data in → (model, metrics, history, extras). No files except the resume state."""
     from .models import build_model, build_optimizer, learning_rate, output_for
@@ -57,8 +74,7 @@ def train_experiment(
     lr = learning_rate(exp.optimizer, exp.schedule, steps, exp.train.epochs, max_lr)
     model.compile(loss=loss, optimizer=build_optimizer(exp.optimizer, lr), metrics=["accuracy"],
                   **train.compile_options(params.runtime, steps))
-    key = train.state_key(name, exp.model_dump(), seed, data.fingerprint, params.runtime.model_dump(), max_lr)
-    ckpt = train.Checkpoint(Path(params.runtime.checkpoint_dir) / f"{name}-{key}")
+    ckpt = checkpoint or checkpoint_for(name, exp, params, data.fingerprint, seed)
     callbacks = list(callbacks or [])
     health = None
     if exp.train.diagnostics.enabled:
@@ -129,10 +145,14 @@ def run(
     exp = params.experiments[name]
     log.info("%s: %s", name, exp.description or "")
     inputs = ["data/splits"] + (["data/scaler.npz"] if exp.train.inputs == "standardized" else [])
+    ckpt = checkpoint_for(name, exp, params, split_digests(splits_dir, exp.task), params.seed)
     with tracking.step_run("experiment", params, inputs, run_name=name,
-                           spec={"experiment": name, **exp.model_dump(exclude_none=True)}) as tracker:
+                           spec={"experiment": name, **exp.model_dump(exclude_none=True)},
+                           splits=tracking.split_files(splits_dir, exp.task), resume=ckpt.dir) as tracker:
         data = train.load_task(splits_dir, exp.task)
-        model, metrics, history, extras = train_experiment(name, exp, params, data, load_scaler_if(exp, scaler_path))
+        live = [tracker.epoch_callback()] if tracker is not None else []
+        model, metrics, history, extras = train_experiment(name, exp, params, data, load_scaler_if(exp, scaler_path),
+                                                           callbacks=live, checkpoint=ckpt)
         artifacts_dir = Path(artifacts_dir)
         artifacts_dir.mkdir(parents=True, exist_ok=True)
         history_png(artifacts_dir / "learning_curves.png", history, name)

@@ -134,7 +134,8 @@ def run_one(params: Params, name: str, splits_dir: Path, model_path: Path, artif
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"no trained model for {name!r} at {model_path}: run its experiment stage first")
     with tracking.step_run("mc_dropout", params, ["data/splits", f"models/experiments/{name}.keras"],
-                           run_name=f"mc_dropout {name}", spec={"source": name, **cfg.model_dump()}) as tracker:
+                           run_name=f"mc_dropout {name}", spec={"source": name, **cfg.model_dump()},
+                           splits=tracking.split_files(splits_dir, exp.task)) as tracker:
         metrics = _run(params, name, exp, cfg, splits_dir, model_path, artifacts_dir)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})

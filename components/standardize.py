@@ -50,7 +50,8 @@ def run(splits_dir: Path, scaler_path: Path, metrics_path: Path, params=None) ->
         return _run(splits_dir, scaler_path, metrics_path)
     from . import tracking
 
-    with tracking.step_run("standardize", params, ["data/splits"]) as tracker:
+    with tracking.step_run("standardize", params, ["data/splits"],
+                           splits=tracking.split_files(splits_dir, "full", ("train",))) as tracker:
         metrics = _run(splits_dir, scaler_path, metrics_path)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -245,6 +245,129 @@ def dvc_remote() -> str:
     return ""
 
 
+# ------------------------------------------------------------------------------------------ data inputs
+
+SPLIT_CONTEXT = {"train": "training", "valid": "validation", "test": "test"}  # mlflow.data.context of each split
+SPLITS_DVC_DIR = "data/splits"  # the DVC output (a directory) that holds the split files
+
+
+def split_files(splits_dir: str | Path, task: str, which: tuple[str, ...] = ("train", "valid", "test")) -> dict[str, Path]:
+    """The Parquet files of ``task``'s splits that a step reads: {split: path} (see components/dataset.py)."""
+    return {s: Path(splits_dir) / f"{task}_{s}.parquet" for s in which}
+
+
+def _dvc_config(root: Path = Path(".")) -> dict[str, Any]:
+    """DVC's config (``.dvc/config`` with ``.dvc/config.local`` over it), read with configobj as DVC reads it."""
+    from configobj import ConfigObj
+
+    merged: dict[str, Any] = {}
+    for name in ("config", "config.local"):
+        path = root / ".dvc" / name
+        if path.is_file():
+            for section, values in ConfigObj(str(path)).items():
+                if isinstance(values, dict):
+                    merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def dvc_remote_url(root: Path = Path(".")) -> str:
+    """The URL of the default DVC remote (``core.remote``), a local one as an absolute path; "" when none."""
+    try:
+        cfg = _dvc_config(root)
+    except Exception:  # noqa: BLE001 - an unreadable config: no remote to name
+        return ""
+    name = cfg.get("core", {}).get("remote")
+    url = cfg.get(f'remote "{name}"', {}).get("url", "") if name else ""
+    if url and "://" not in url:  # a local remote: relative to .dvc/, as DVC resolves it
+        url = str((root / ".dvc" / Path(url).expanduser()).resolve())
+    return url
+
+
+def dvc_object_url(remote: str, md5: str) -> str:
+    """Where DVC 3 keeps the object of content hash ``md5`` in a remote (``files/md5/ab/cdef…``)."""
+    return f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}" if remote and md5 else ""
+
+
+def dir_manifest(dir_md5: str, root: Path = Path(".")) -> dict[str, str]:
+    """{relpath: md5} of the files of a DVC directory output, from its ``.dir`` manifest in the local DVC cache
+    (``cache.dir``, default ``.dvc/cache``); empty where the manifest is not there (a Kubeflow pod, no cache)."""
+    if not dir_md5.endswith(".dir"):
+        return {}
+    try:
+        cache = Path(_dvc_config(root).get("cache", {}).get("dir", "cache")).expanduser()
+    except Exception:  # noqa: BLE001
+        cache = Path("cache")
+    cache = cache if cache.is_absolute() else root / ".dvc" / cache
+    for path in (cache / "files" / "md5" / dir_md5[:2] / dir_md5[2:], cache / dir_md5[:2] / dir_md5[2:]):
+        if path.is_file():
+            try:
+                return {e["relpath"]: e["md5"] for e in json.loads(path.read_text())}
+            except (ValueError, KeyError, TypeError):
+                return {}
+    return {}
+
+
+def _dataset_source(url: str):
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are the local source
+            return resolve_dataset_source(url)
+    except Exception:  # noqa: BLE001 - a scheme MLflow has no source for (ssh://, azure://): the URL as it is
+        return HTTPDatasetSource(url)
+
+
+def split_dataset(path: Path, split: str, dvc_path: str, dvc_md5: str | None, remote: str):
+    """One split file as an MLflow dataset: its Parquet schema, its row count (profile), the DVC md5 of the file as
+    digest when DVC recorded one (else the first 32 hex digits of the ``content_sha256`` in the file's metadata) and,
+    as source, the file's object in the DVC remote (else the file itself). Returns (dataset, input tags)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    from .dataset import DIGEST_KEY, read_meta
+
+    meta = pq.read_metadata(path)  # the footer only: no page is read
+    arrow = meta.schema.to_arrow_schema()
+
+    def kind(t) -> DataType:
+        if pa.types.is_binary(t) or pa.types.is_fixed_size_binary(t) or pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+            return DataType.binary
+        if pa.types.is_integer(t):
+            return DataType.long if t.bit_width > 32 or t == pa.uint32() else DataType.integer
+        if pa.types.is_floating(t):
+            return DataType.double if t.bit_width > 32 else DataType.float
+        return DataType.string
+
+    schema = Schema([ColSpec(kind(f.type), f.name, required=not f.nullable) for f in arrow])
+    content = read_meta(path).get(DIGEST_KEY, "")
+    digest, kind_of_digest = (dvc_md5, "dvc-md5") if dvc_md5 else (content[:32] or "unknown", "content-sha256")
+    url = dvc_object_url(remote, dvc_md5 or "") or str(Path(path).resolve())
+    rows = meta.num_rows
+
+    class SplitDataset(MetaDataset):  # a metadata-only dataset with a profile (as mlflow's PandasDataset has)
+        @property
+        def profile(self) -> dict[str, int]:
+            return {"num_rows": rows, "num_elements": rows * len(arrow)}
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+    ds = SplitDataset(_dataset_source(url), name=dvc_path, digest=digest, schema=schema)
+    tags = {"mlflow.data.context": SPLIT_CONTEXT.get(split, split), "dvc.path": dvc_path, "digest.kind": kind_of_digest,
+            "rows": str(rows)}
+    if dvc_md5:
+        tags["dvc.md5"] = dvc_md5
+    if content:
+        tags["content_sha256"] = content
+    return ds, tags
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -444,6 +567,7 @@ class Tracker:
         self.log_models = log_models
         self.label = label or str(run_id)
         self.uri = uri or getattr(client, "tracking_uri", None) or tracking_uri()
+        self.logged: dict[str, int] = {}  # per metric key, the last step logged (a resumed run: from the server)
 
     def _offline(self) -> bool:
         return _lost is not None and _lost.uri == self.uri
@@ -474,9 +598,68 @@ class Tracker:
 
         ts = int(time.time() * 1000)
         items = [Metric(prefix + k, float(v), ts, int(h["epoch"])) for h in history for k, v in h.items()
-                 if k != "epoch" and isinstance(v, (int, float))]
+                 if k != "epoch" and isinstance(v, (int, float)) and not self._seen(prefix + k, int(h["epoch"]))]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+        self._note(items)
+
+    def _seen(self, key: str, step: int) -> bool:
+        """This epoch of ``key`` is in the run already (logged live by ``epoch_callback``, or before a resume)."""
+        return step <= self.logged.get(key, step - 1)
+
+    def _note(self, items: list) -> None:
+        for m in items:
+            self.logged[m.key] = max(m.step, self.logged.get(m.key, m.step))
+
+    @_guarded(lambda step, values: f"epoch {step}'s {_names(values)}")
+    def log_epoch(self, step: int, values: dict[str, Any]) -> None:
+        """One epoch's metrics, now (the epoch's real end time), at ``step`` = the epoch number; an epoch already in
+        the run (a resumed step runs again the epoch that a kill cut short after it was logged) is not logged twice."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and not self._seen(k, step)]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+            self._note(items)
+
+    def epoch_callback(self, offset: int = 0):
+        """A Keras callback that logs each epoch's record at the end of that epoch (live curves in the UI, real
+        timestamps), at step ``offset`` + the epoch number: the same keys and steps as ``log_history`` of the
+        step's history, which then skips what was logged here. The training loop puts the learning rate and the
+        epoch's seconds into the epoch's logs (components/train.py), so the record is the history row."""
+        import keras
+
+        tracker = self
+
+        class LogEpoch(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                tracker.log_epoch(offset + epoch + 1, logs or {})
+
+        return LogEpoch()
+
+    @_guarded(lambda files, dvc_dir=SPLITS_DVC_DIR: f"dataset inputs {', '.join(map(str, files))}")
+    def log_splits(self, files: dict[str, Path], dvc_dir: str = SPLITS_DVC_DIR) -> None:
+        """One dataset input per split file the step reads, with its context (training / validation / test), schema
+        and row count; digest and source from DVC (see ``split_dataset``)."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        dir_md5 = dvc_hashes([dvc_dir]).get(dvc_dir, "")
+        per_file = dir_manifest(dir_md5)
+        remote = dvc_remote_url()
+        inputs, tags = [], {}
+        for split, path in files.items():
+            dvc_path = f"{dvc_dir}/{Path(path).name}"
+            ds, itags = split_dataset(Path(path), split, dvc_path, per_file.get(Path(path).name), remote)
+            if dir_md5:
+                itags["dvc.dir_md5"] = dir_md5
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(k, v) for k, v in itags.items()]))
+            tags[f"dvc.md5.{dvc_path}"] = itags.get("dvc.md5", "")
+        self.client.log_inputs(self.run_id, datasets=inputs)
+        if dir_md5:
+            tags[f"dvc.md5.{dvc_dir}"] = dir_md5
+        self.set_tags({k: v for k, v in tags.items() if v})
 
     @_guarded(lambda path, artifact_path=None: f"artifact {path}")
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -500,11 +683,13 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
 
         hashes = dvc_hashes(paths)
-        remote = dvc_remote()
+        remote = dvc_remote_url()
         inputs, tags = [], {}
         for p in paths:
             digest = hashes.get(p, "untracked")
-            ds = MetaDataset(HTTPDatasetSource(f"dvc://{p}" + (f"?remote={remote}" if remote else "")), name=p, digest=digest[:36])
+            # the output's object in the DVC remote (a directory's: its .dir manifest), else the DVC path
+            url = dvc_object_url(remote, hashes.get(p, ""))
+            ds = MetaDataset(_dataset_source(url) if url else HTTPDatasetSource(f"dvc://{p}"), name=p, digest=digest[:36])
             # what mlflow.log_input sends, in one call and without a fluent start_run per dataset
             inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
                 InputTag("mlflow.data.context", "training"), InputTag("dvc.md5", digest), InputTag("dvc.path", p)]))
@@ -748,10 +933,95 @@ def end_lost_runs(client, uri: str) -> list[str]:
     return ended
 
 
+TRAINING_STEPS = {"experiment", "model_a", "model_b", "b_on_a"}  # steps with MLflow's system metrics on
+SYSTEM_METRICS_INTERVAL = 10.0  # seconds between samples ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it)
+RUN_FILE = "mlflow_run.json"  # in a step's resume directory (beside its checkpoint): the run a resumed step continues
+
+
+class SystemMetrics:
+    """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk, network; GPU where NVML is
+    there) of one run, sampled by MLflow's ``SystemMetricsMonitor`` in a thread every ``SYSTEM_METRICS_INTERVAL``
+    seconds (what ``mlflow.start_run(log_system_metrics=True)`` starts, here on a client-made run). ``stop`` ends
+    the thread and logs the last, partial interval, so even a step shorter than the interval has one sample."""
+
+    def __init__(self, run_id: str, uri: str, resumed: bool):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL,
+                                            resume_logging=resumed, tracking_uri=uri)
+        self.monitor.start()
+
+    def stop(self) -> None:
+        mon = self.monitor
+        try:
+            mon.finish()
+            rest = mon.aggregate_metrics()  # samples taken since the last logged interval
+            if rest:
+                mon.publish_metrics(rest)
+                mon.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001 - system metrics must never fail a step
+            log.warning("system metrics: could not log the last samples (%s)", err)
+
+
+def _system_metrics(step: str, wanted: bool | None, run_id: str, uri: str, resumed: bool) -> SystemMetrics | None:
+    if not (step in TRAINING_STEPS if wanted is None else wanted):
+        return None
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() in ("false", "0"):
+        return None  # MLflow's own switch, turned off
+    try:
+        return SystemMetrics(run_id, uri, resumed)
+    except Exception as err:  # noqa: BLE001 - e.g. psutil missing on an odd platform
+        log.warning("system metrics are off for this run: %s", err)
+        return None
+
+
+def _reopen(client, resume: Path, experiment_id: str, tags: dict[str, Any]) -> str | None:
+    """The run that an interrupted attempt of this step left in ``resume`` (KILLED, FAILED, or RUNNING after a
+    kill -9), back to RUNNING under the current parent; None when there is none to continue."""
+    path = Path(resume) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        run = client.get_run(json.loads(path.read_text())["run_id"])
+    except Exception:  # noqa: BLE001 - unreadable, or a run of another tracking store: start a new one
+        return None
+    info = run.info
+    if info.experiment_id != experiment_id or info.lifecycle_stage != "active" or info.status == "FINISHED":
+        return None
+    rid = info.run_id
+    client.update_run(rid, status="RUNNING")
+    stopped = run.data.tags.get("error", "")
+    resumes = int(run.data.tags.get("ch11.resumes", "0")) + 1
+    from mlflow.entities import RunTag
+
+    extra = {"ch11.resumes": str(resumes),
+             "mlflow.note.content": f"Resumed from its checkpoint ({resumes}x)" + (f"; stopped before by: {stopped}" if stopped else "")}
+    if stopped:
+        extra["ch11.stopped_before"] = stopped
+        client.delete_tag(rid, "error")
+    client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in {**tags, **extra}.items()])
+    log.info("continuing MLflow run %s (resumed step)", rid)
+    return rid
+
+
+def _logged_steps(client, run_id: str) -> dict[str, int]:
+    """The last step of every metric of a run (``run.data`` holds each key's latest point, at its largest step)."""
+    run = client.get_run(run_id)
+    return {m.key: int(m.step) for m in getattr(run.data, "_metric_objs", [])}
+
+
 @contextlib.contextmanager
 def step_run(step: str, params: Params, inputs: list[str], run_name: str | None = None,
-             spec: dict[str, Any] | None = None, parent: str | None = None) -> Iterator[Tracker | None]:
-    """A child run for one step; FAILED with the error as a tag if the block raises. Yields None when disabled.
+             spec: dict[str, Any] | None = None, parent: str | None = None,
+             splits: dict[str, Path] | None = None, resume: Path | None = None,
+             system_metrics: bool | None = None) -> Iterator[Tracker | None]:
+    """A child run for one step; FAILED with the error as a tag if the block raises, KILLED on Ctrl-C / SIGTERM.
+    Yields None when disabled.
+
+    ``splits``: the split files the step reads ({split: path}, ``split_files``), logged as one dataset input each
+    in place of the whole ``data/splits`` input. ``resume``: the step's resume directory (its checkpoint): the run
+    id is kept there, and a rerun after a stop continues that run instead of opening a new one.
+    ``system_metrics``: MLflow's system metrics for the run (default: on for the training steps).
 
     MLflow's HTTP retries are bounded (`bounded_http_defaults`). If the server goes away during the step, the
     block still runs to its end (the Tracker records what it could not log), the run is noted in `lost_dir()`
@@ -769,6 +1039,7 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
     label = run_name or step
     client = MlflowClient(uri)
     run_id = exp_id = parent_id = None
+    resumed = False
     own_parent = parent is None and not os.environ.get("MLFLOW_RUN_ID")  # a parent we keep the status of
     if _lost is None or _lost.uri != uri:
         check_server(uri)
@@ -778,7 +1049,14 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
             parent_id = parent or parent_run(client, exp_id)
             tags = {"mlflow.parentRunId": parent_id, "mlflow.runName": label, **_base_tags(step, params, inputs),
                     TAG_PROCESS: process.this_process().ident}
-            run_id = client.create_run(exp_id, tags=tags).info.run_id
+            run_id = _reopen(client, resume, exp_id, tags) if resume is not None else None
+            resumed = run_id is not None
+            if run_id is None:
+                run_id = client.create_run(exp_id, tags=tags).info.run_id
+                if resume is not None:
+                    from .io import write_json
+
+                    write_json(Path(resume) / RUN_FILE, {"run_id": run_id, "tracking_uri": uri})
             if own_parent and client.get_run(parent_id).info.status != "RUNNING":
                 client.update_run(parent_id, status="RUNNING")  # a new step of an execution whose last step had ended
         except Exception as err:
@@ -787,6 +1065,9 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
     tracker = Tracker(client, run_id, exp_id, log_models=params.mlflow.log_models, label=label, uri=uri)
     if run_id is None:
         _lost.run(None, label).not_logged.append("the run itself (never created)")
+    elif resumed:
+        tracker.logged = _logged_steps(client, run_id)
+    monitor = _system_metrics(step, system_metrics, run_id, uri, resumed) if run_id and not tracker._offline() else None
 
     def settle_parent() -> None:
         if own_parent and parent_id and not tracker._offline():
@@ -795,17 +1076,25 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
             except Exception as err:  # noqa: BLE001 - the step's own run is already ended
                 log.warning("could not update the status of the parent run %s: %s", parent_id, err)
 
+    def stop_monitor() -> None:
+        if monitor is not None:
+            monitor.stop()
+
     try:
         if spec is not None:
             tracker.log_params(spec)
         tracker.log_params({"seed": params.seed})
-        if inputs:
-            tracker.log_datasets(inputs)
+        others = [p for p in inputs if not (splits and p == SPLITS_DVC_DIR)]
+        if others:
+            tracker.log_datasets(others)
+        if splits:
+            tracker.log_splits(splits)
         yield tracker
     except BaseException as err:
         stopped = isinstance(err, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (io.stop_on_sigterm): KILLED, resumable
         status = "KILLED" if stopped else "FAILED"
         msg = f"{type(err).__name__}: {err}"[:5000]
+        stop_monitor()
         if not stopped and not tracker._offline() and _is_tracking_error(err):
             _lose(uri, err)  # an MLflow call of the step's own (not through the Tracker): is the server gone?
         if tracker._offline():
@@ -829,6 +1118,7 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
             else:
                 log.warning("could not mark run %s %s: %s", run_id, status, end_err)
         raise
+    stop_monitor()
     if tracker._offline():
         _record_lost(tracker, "FAILED", _lost.reason)
         return

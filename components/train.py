@@ -286,7 +286,8 @@ def _make_callbacks(history: list[dict], epochs: int, label: str):
                 self.model.stop_training = True
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = {k: float(v) for k, v in (logs or {}).items()}
+            shared = logs if logs is not None else {}  # the dict every later callback of this epoch receives
+            logs = {k: float(v) for k, v in shared.items()}
             if self.diverged or not all(math.isfinite(v) for k, v in logs.items() if "loss" in k):
                 self.diverged = self.diverged or f"loss became non-finite in epoch {epoch + 1}: {logs}"
                 self.model.stop_training = True
@@ -295,6 +296,8 @@ def _make_callbacks(history: list[dict], epochs: int, label: str):
             lr = float(np.asarray(opt.learning_rate if not callable(opt._learning_rate) else opt._learning_rate(opt.iterations)))
             rec = {"epoch": epoch + 1, **logs, "learning_rate": lr, "epoch_seconds": time.perf_counter() - self.t0}
             history.append(rec)
+            # later callbacks see the whole record (as ReduceLROnPlateau adds the rate): a live logger sends the row
+            shared.update(learning_rate=lr, epoch_seconds=rec["epoch_seconds"])
             shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
             log.info("%s epoch %d/%d %s (%.1fs)", label, epoch + 1, epochs, shown, rec["epoch_seconds"])
 

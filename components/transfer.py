@@ -17,7 +17,7 @@ import numpy as np
 
 from . import tracking, train
 from .config import Experiment, Params
-from .experiment import train_experiment
+from .experiment import checkpoint_for, split_digests, train_experiment
 from .io import read_json, write_json
 
 log = logging.getLogger("components.transfer")
@@ -34,10 +34,13 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def run_model_a(params: Params, splits_dir: Path, model_path: Path, metrics_path: Path, history_path: Path) -> dict:
     t = _transfer(params)
+    ckpt = checkpoint_for("model_a", t.model_a, params, split_digests(splits_dir, "a"), params.seed)
     with tracking.step_run("model_a", params, ["data/splits"], run_name="model_a",
-                           spec={"experiment": "model_a", **t.model_a.model_dump(exclude_none=True)}) as tracker:
+                           spec={"experiment": "model_a", **t.model_a.model_dump(exclude_none=True)},
+                           splits=tracking.split_files(splits_dir, "a"), resume=ckpt.dir) as tracker:
         data = train.load_task(splits_dir, "a")
-        model, metrics, history, extras = train_experiment("model_a", t.model_a, params, data)
+        live = [tracker.epoch_callback()] if tracker is not None else []
+        model, metrics, history, extras = train_experiment("model_a", t.model_a, params, data, callbacks=live, checkpoint=ckpt)
         train.save_model(model, model_path)
         train.write_history_csv(history_path, history)
         metrics = {"experiment": "model_a", "task": "a", **metrics}
@@ -57,9 +60,13 @@ def run_model_b(params: Params, splits_dir: Path, models_dir: Path, metrics_path
     data = train.load_task(splits_dir, "b")
     per_seed, histories = {}, {}
     for seed in t.seeds:
+        ckpt = checkpoint_for(f"model_b_seed{seed}", t.model_b, params, data.fingerprint, seed)
         with tracking.step_run("model_b", params, ["data/splits"], run_name=f"model_b seed {seed}",
-                               spec={"experiment": "model_b", **t.model_b.model_dump(exclude_none=True)}) as tracker:
-            model, metrics, history, extras = train_experiment(f"model_b_seed{seed}", t.model_b, params, data, seed=seed)
+                               spec={"experiment": "model_b", **t.model_b.model_dump(exclude_none=True)},
+                               splits=tracking.split_files(splits_dir, "b"), resume=ckpt.dir) as tracker:
+            live = [tracker.epoch_callback()] if tracker is not None else []
+            model, metrics, history, extras = train_experiment(f"model_b_seed{seed}", t.model_b, params, data, seed=seed,
+                                                               callbacks=live, checkpoint=ckpt)
             train.save_model(model, Path(models_dir) / f"seed_{seed}.keras")
             if tracker is not None:
                 tracker.log_params({"transfer_seed": seed})
@@ -108,8 +115,18 @@ def weights_digest(model) -> str:
     return hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights())).hexdigest()
 
 
-def train_b_on_a(params: Params, model_a, data: train.TaskData, seed: int, on_phase_end=None) -> tuple[Any, dict, list[dict]]:
-    """B-on-A for one seed. ``on_phase_end(phase, model)`` is called after "clone", "frozen" and "unfrozen"."""
+def b_on_a_checkpoints(params: Params, model_a, data: train.TaskData, seed: int) -> tuple[train.Checkpoint, train.Checkpoint]:
+    """The resume states of B-on-A's two phases for one seed (frozen, unfrozen)."""
+    t = _transfer(params)
+    key = train.state_key("b_on_a", t.b_on_a.model_dump(), t.model_b.model_dump(), seed, data.fingerprint, weights_digest(model_a))
+    base = Path(params.runtime.checkpoint_dir)
+    return tuple(train.Checkpoint(base / f"b_on_a-{seed}-{key}-{suffix}") for suffix in ("frozen", "unfrozen"))
+
+
+def train_b_on_a(params: Params, model_a, data: train.TaskData, seed: int, on_phase_end=None,
+                 live=None) -> tuple[Any, dict, list[dict]]:
+    """B-on-A for one seed. ``on_phase_end(phase, model)`` is called after "clone", "frozen" and "unfrozen";
+    ``live(offset)``, when given, makes a Keras callback for the epochs after ``offset`` (the tracker's live log)."""
     import keras
 
     from .models import build_optimizer
@@ -130,17 +147,18 @@ def train_b_on_a(params: Params, model_a, data: train.TaskData, seed: int, on_ph
         model.compile(loss="binary_crossentropy", optimizer=build_optimizer(opt, lr), metrics=["accuracy"],
                       **train.compile_options(rt, steps))
 
-    base = Path(rt.checkpoint_dir)
-    key = train.state_key("b_on_a", cfg.model_dump(), exp.model_dump(), seed, data.fingerprint, weights_digest(model_a))
+    frozen_ckpt, unfrozen_ckpt = b_on_a_checkpoints(params, model_a, data, seed)
     set_reused_trainable(model, False)
     compile_(cfg.frozen_learning_rate)
-    frozen = train.fit(model, exp, data, rt, seed, cfg.frozen_epochs, train.Checkpoint(base / f"b_on_a-{seed}-{key}-frozen"), label=f"b_on_a seed {seed} (frozen)")
+    frozen = train.fit(model, exp, data, rt, seed, cfg.frozen_epochs, frozen_ckpt, [live(0)] if live else None,
+                       label=f"b_on_a seed {seed} (frozen)")
     if on_phase_end:
         on_phase_end("frozen", model)
     set_reused_trainable(model, True)
     compile_(cfg.unfrozen_learning_rate)  # re-compile: trainable changes take effect only on compile
     # the unfrozen phase continues the epoch count (the book's 4 + 16 = 20 epochs)
-    unfrozen = train.fit(model, exp, data, rt, seed + 1, cfg.unfrozen_epochs, train.Checkpoint(base / f"b_on_a-{seed}-{key}-unfrozen"), label=f"b_on_a seed {seed} (unfrozen)")
+    unfrozen = train.fit(model, exp, data, rt, seed + 1, cfg.unfrozen_epochs, unfrozen_ckpt,
+                         [live(cfg.frozen_epochs)] if live else None, label=f"b_on_a seed {seed} (unfrozen)")
     history = [{**h, "phase": "frozen"} for h in frozen.history] + [
         {**h, "epoch": h["epoch"] + cfg.frozen_epochs, "phase": "unfrozen"} for h in unfrozen.history
     ]
@@ -148,8 +166,8 @@ def train_b_on_a(params: Params, model_a, data: train.TaskData, seed: int, on_ph
         on_phase_end("unfrozen", model)
     metrics = train.evaluate(model, data, rt.eval_batch_size)
     metrics.update(train.timing(history), epochs=len(history), seed=seed)
-    for suffix in ("frozen", "unfrozen"):
-        train.Checkpoint(base / f"b_on_a-{seed}-{key}-{suffix}").clear()
+    for ckpt in (frozen_ckpt, unfrozen_ckpt):
+        ckpt.clear()
     return model, metrics, history
 
 
@@ -176,9 +194,12 @@ def run_b_on_a(
     per_seed, histories, factors, models_info = {}, {}, {}, {}
     for seed in t.seeds:
         spec = {"experiment": "b_on_a", "transfer_seed": seed, **t.b_on_a.model_dump(), "model_b": t.model_b.model_dump(exclude_none=True)}
+        resume = b_on_a_checkpoints(params, model_a, data, seed)[0].dir  # kept until both phases are done
         with tracking.step_run("b_on_a", params, ["data/splits", "models/transfer/model_a.keras"],
-                               run_name=f"b_on_a seed {seed}", spec=spec) as tracker:
-            model, metrics, history = train_b_on_a(params, model_a, data, seed)
+                               run_name=f"b_on_a seed {seed}", spec=spec,
+                               splits=tracking.split_files(splits_dir, "b"), resume=resume) as tracker:
+            model, metrics, history = train_b_on_a(params, model_a, data, seed,
+                                                   live=tracker.epoch_callback if tracker is not None else None)
             train.save_model(model, Path(models_dir) / f"seed_{seed}.keras")
             acc_b = b["per_seed"][str(seed)]["test_accuracy"]
             factors[seed] = error_rate_reduction(acc_b, metrics["test_accuracy"])

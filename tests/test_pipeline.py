@@ -2,6 +2,7 @@
 (a slice of the real data), against a real MLflow server."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -111,8 +112,14 @@ def test_mlflow_hierarchy_metrics_artifacts_lineage_registry(repo, repro, mlflow
         assert t["mlflow.user"] and t["mlflow.source.type"] == "LOCAL"
         assert t["device"].startswith(("CPU", "GPU")) and t["version.tensorflow"]
         assert t["dvc.md5.data/splits"] == lock_md5["data/splits"]
-        inputs = {d.dataset.name: d.dataset.digest for d in r.inputs.dataset_inputs}
-        assert inputs["data/splits"] == lock_md5["data/splits"][:36]
+        # one dataset per split the experiment read, its DVC md5 (the file's md5, from the .dir manifest) as digest
+        task = params["experiments"][name].get("task", "full")
+        inputs = {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}) for d in r.inputs.dataset_inputs}
+        for split, context in (("train", "training"), ("valid", "validation"), ("test", "test")):
+            path = f"data/splits/{task}_{split}.parquet"
+            digest, tags = inputs[path]
+            assert digest == hashlib.md5((repo / path).read_bytes()).hexdigest() and tags["mlflow.data.context"] == context
+        assert "system/cpu_utilization_percentage" in r.data.metrics
         arts = {a.path for a in c.list_artifacts(r.info.run_id, name)}
         assert {f"{name}/learning_curves.png", f"{name}/confusion_matrix.png"} <= arts, arts
         assert any(a.path.endswith(".csv") for a in c.list_artifacts(r.info.run_id))

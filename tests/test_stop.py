@@ -37,3 +37,9 @@ def test_sigterm_ends_the_run_killed_and_a_rerun_resumes(tiny_ws, tmp_path):
     again = subprocess.run(args, cwd=tiny_ws, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming after epoch" in again.stderr
+    # the rerun continued the stopped run (its id kept beside the checkpoint): one run, each epoch logged once
+    after = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'")
+    assert [(r.info.run_id, r.info.status) for r in after] == [(runs[0].info.run_id, "FINISHED")]
+    assert "Terminated" in after[0].data.tags["ch11.stopped_before"] and "error" not in after[0].data.tags
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss"))
+    assert steps == list(range(1, 41)), steps
