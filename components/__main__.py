@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import sys
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def explain(err: Exception, step: registry.Step, item: str | None, paths: dict) 
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return disk_full_message(err.filename)
     if isinstance(err, FileNotFoundError):  # a file inside an input folder (pyarrow puts the path in the message)
-        missing = err.filename or (err.args[0] if len(err.args) == 1 else None)
+        quoted = re.search(r"'([^']+)'", str(err))  # pyarrow: "Failed to open local file '<path>'. Detail: ..."
+        missing = err.filename or (err.args[0] if len(err.args) == 1 else quoted.group(1) if quoted else None)
         hint = registry.missing_hint(step, item, paths, missing) if isinstance(missing, (str, Path)) else None
         if hint:
             return hint

@@ -947,6 +947,8 @@ class SystemMetrics:
     def __init__(self, run_id: str, uri: str, resumed: bool):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # its start/stop lines at INFO: noise in a step's log
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self.monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL,
                                             resume_logging=resumed, tracking_uri=uri)
         self.monitor.start()

@@ -31,6 +31,7 @@ def _dvc_workspace(tiny_ws: Path, dest: Path) -> tuple[Path, Path, str]:
     dest.mkdir(parents=True)
     shutil.copy(tiny_ws / "params.yaml", dest / "params.yaml")
     shutil.copytree(tiny_ws / "data" / "splits", dest / "data" / "splits")
+    shutil.copy(tiny_ws / "data" / "scaler.npz", dest / "data" / "scaler.npz")  # an input of every experiment stage
     remote = dest.parent / "remote"
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "remote", "add", "-d", "store", str(remote)],
                 ["dvc", "add", "-q", "data/splits"], ["dvc", "push", "-q"],
