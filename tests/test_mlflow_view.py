@@ -150,9 +150,12 @@ def test_the_ui_shows_the_variants_in_one_view(view, mlflow_server, tmp_path):
         page.get_by_text("leaky_relu", exact=True).first.wait_for(timeout=30_000)
         listed = page.inner_text("body")
         page.screenshot(path=str(shots / "mlflow-runs.png"))
-        # 2. the chart view of the same view
+        # 2. the chart view of the same view; the diagnostics' per-layer sections (grad_norm/, act_std/) come first
+        # and the metric charts render lazily, so the chart search box picks the one chart across the variants
         page.goto(link + "&compareRunsMode=CHART")
+        page.get_by_placeholder("Search metric charts").fill("test_accuracy", timeout=60_000)
         page.get_by_text("test_accuracy", exact=True).first.wait_for(timeout=60_000)
+        page.wait_for_timeout(2000)
         charts = page.inner_text("body")
         page.screenshot(path=str(shots / "mlflow-charts.png"))
         # 3. the compare page of three variants
