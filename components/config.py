@@ -336,11 +336,30 @@ class TrainSpec(Strict):
 
 class Experiment(Strict):
     description: str = ""
+    family: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                               description="the group it belongs to (MLflow tag `family`, the report's groups); "
+                                           "unset: from the name's prefix")
     task: Literal["full", "a", "b"] = "full"
     model: ModelSpec
     optimizer: OptimizerSpec
     schedule: Schedule | None = None
     train: TrainSpec
+
+
+PREFIX_FAMILIES = {
+    "leaky": "activations", "prelu": "activations", "elu": "activations", "act": "activations",
+    "selu": "selu", "relu": "selu", "bn": "batch_norm", "clip": "clipping", "init": "initializers",
+    "opt": "optimizers", "lr": "lr_schedules", "l1": "regularization", "l2": "regularization",
+    "dropout": "regularization", "alpha": "regularization", "max": "regularization", "model": "transfer",
+    "b": "transfer",
+}
+
+
+def family_of(name: str, exp: "Experiment | None" = None) -> str:
+    """An experiment's family: its ``family:`` in params.yaml, else guessed from its name's prefix ("other")."""
+    if exp is not None and exp.family:
+        return exp.family
+    return PREFIX_FAMILIES.get(name.split("_")[0], "other")
 
 
 class BOnA(Strict):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import train
-from .config import Experiment, OneCycleSchedule, Params
+from .config import Experiment, OneCycleSchedule, Params, family_of
 from .io import write_json
 from .plots import confusion_png, history_png
 
@@ -126,6 +126,30 @@ def test_predictions(model, data: train.TaskData, rows: int = 10_000):
     return (p[:, 0] > 0.5).astype(int) if p.shape[-1] == 1 else np.argmax(p, axis=1)
 
 
+SPEC_ONLY = {"description", "family"}  # on the run as its description and tag, not as params
+
+
+def log_training(tracker, name: str, model, metrics: dict, history: list[dict], data: train.TaskData,
+                 class_names: list[str], files: dict[str, Path] | None = None):
+    """A training run's metrics, model and artifacts under the names every training run shares
+    (``learning_curves.png``, ``confusion_matrix.png``, ``history.csv``; made here when ``files`` lacks them),
+    so that MLflow's compare page shows them side by side. Returns the logged model's info."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ch11-plots-") as tmp:
+        named = dict(files or {})
+        if "learning_curves.png" not in named:
+            named["learning_curves.png"] = Path(tmp) / "learning_curves.png"
+            history_png(named["learning_curves.png"], history, name)
+        if "confusion_matrix.png" not in named:
+            named["confusion_matrix.png"] = Path(tmp) / "confusion_matrix.png"
+            confusion_png(named["confusion_matrix.png"], data.y["test"], test_predictions(model, data), class_names, name)
+        if "history.csv" not in named:
+            named["history.csv"] = Path(tmp) / "history.csv"
+            train.write_history_csv(named["history.csv"], history)
+        return tracker.log_run(model, metrics, history, named, example=data.x["test"][:5])
+
+
 def run(
     params: Params,
     name: str,
@@ -147,7 +171,8 @@ def run(
     inputs = ["data/splits"] + (["data/scaler.npz"] if exp.train.inputs == "standardized" else [])
     ckpt = checkpoint_for(name, exp, params, split_digests(splits_dir, exp.task), params.seed)
     with tracking.step_run("experiment", params, inputs, run_name=name,
-                           spec={"experiment": name, **exp.model_dump(exclude_none=True)},
+                           spec={"experiment": name, **exp.model_dump(exclude_none=True, exclude=SPEC_ONLY)},
+                           tags=tracking.run_tags(family_of(name, exp), name, exp.description),
                            splits=tracking.split_files(splits_dir, exp.task), resume=ckpt.dir) as tracker:
         data = train.load_task(splits_dir, exp.task)
         live = [tracker.epoch_callback()] if tracker is not None else []
@@ -173,10 +198,13 @@ def run(
         metrics = {"experiment": name, "task": exp.task, **metrics}
         if tracker is not None:
             metrics["mlflow_run_id"] = tracker.run_id
-            info = tracker.log_run(model, metrics, history, [history_path, artifacts_dir], example=data.x["test"][:5])
+            files = {"learning_curves.png": artifacts_dir / "learning_curves.png", "history.csv": Path(history_path),
+                     "confusion_matrix.png": artifacts_dir / "confusion_matrix.png"}
+            files.update({p.name: p for p in sorted(artifacts_dir.iterdir()) if p.is_file() and p.name not in files})
+            info = log_training(tracker, name, model, metrics, history, data, classes, files)
             if records:
                 tracker.log_history(diagnostics.per_epoch_metrics(records))  # grad_norm/dense_001 ... step = epoch
-                tracker.log_artifact(diagnostics_path)
+                tracker.log_named({"diagnostics.csv": Path(diagnostics_path)})
                 tracker.set_tags({"diagnostics.verdict": metrics["diagnostics"]["verdict"]})
             if info is not None:
                 metrics["mlflow_model_uri"] = info.model_uri

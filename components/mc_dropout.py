@@ -133,12 +133,16 @@ def run_one(params: Params, name: str, splits_dir: Path, model_path: Path, artif
     exp = params.experiments[name]
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"no trained model for {name!r} at {model_path}: run its experiment stage first")
+    note = (f"MC dropout on the trained {name} model: {cfg.samples} stochastic passes over the test split (dropout on, "
+            "batch norm in inference mode); test_accuracy is the MC-averaged prediction's")
     with tracking.step_run("mc_dropout", params, ["data/splits", f"models/experiments/{name}.keras"],
                            run_name=f"mc_dropout {name}", spec={"source": name, **cfg.model_dump()},
-                           splits=tracking.split_files(splits_dir, exp.task)) as tracker:
+                           splits=tracking.split_files(splits_dir, exp.task),
+                           tags=tracking.run_tags("mc_dropout", f"mc_dropout@{name}", note)) as tracker:
         metrics = _run(params, name, exp, cfg, splits_dir, model_path, artifacts_dir)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+            tracker.log_metrics({"test_accuracy": metrics["mc_accuracy"]})  # the key every run with a test accuracy shares
             tracker.log_metrics({f"accuracy_after_rejecting_{k}": v for k, v in metrics["accuracy_after_rejecting"].items()})
             tracker.log_artifact(Path(artifacts_dir))
     return metrics

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .config import Params
+from .config import Params, family_of
 from .io import read_json, write_json, write_text
 from .plots import pyplot, save_png
 
@@ -65,22 +65,17 @@ def book_comparison(name: str, metrics: dict, history: list[dict], book: dict[st
     }
 
 
-def group_of(name: str) -> str:
-    head = name.split("_")[0]
-    return {
-        "leaky": "activations", "prelu": "activations", "elu": "activations", "act": "activations",
-        "selu": "selu_deep", "relu": "selu_deep", "bn": "batch_norm", "clip": "clipping", "init": "initializers",
-        "opt": "optimizers", "lr": "lr_schedules", "l1": "regularization", "l2": "regularization",
-        "dropout": "regularization", "alpha": "regularization", "max": "regularization",
-    }.get(head, "other")
+def group_of(name: str, params: Params | None = None) -> str:
+    """The experiment's family (params.yaml ``family:``, else from its name): the report's groups, MLflow's tag."""
+    return family_of(name, params.experiments.get(name) if params is not None else None)
 
 
-def learning_curves(figures_dir: Path, histories: dict[str, list[dict]]) -> list[str]:
+def learning_curves(figures_dir: Path, histories: dict[str, list[dict]], params: Params | None = None) -> list[str]:
     plt = pyplot()
     figures_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[str]] = defaultdict(list)
     for name in histories:
-        groups[group_of(name)].append(name)
+        groups[group_of(name, params)].append(name)
     written = []
     for group, names in sorted(groups.items()):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -114,7 +109,7 @@ def build_report(
         spec = params.experiments.get(name)
         cmp_ = book_comparison(name, m, histories.get(name, []), book)
         rows.append({
-            "experiment": name, "group": group_of(name), "description": spec.description if spec else "",
+            "experiment": name, "group": group_of(name, params), "description": spec.description if spec else "",
             "epochs": m.get("epochs"), "batch_size": m.get("batch_size"),
             "train_accuracy": m.get("train_accuracy"), "valid_accuracy": m.get("valid_accuracy"),
             "test_accuracy": m.get("test_accuracy"), "valid_loss": m.get("valid_loss"), "test_loss": m.get("test_loss"),
@@ -351,19 +346,37 @@ def summary(report: dict, metric: str = "valid_accuracy") -> dict[str, Any]:
     return out
 
 
+TABLE_COLUMNS = ("experiment", "group", "description", "epochs", "batch_size", "train_accuracy", "valid_accuracy",
+                 "test_accuracy", "valid_loss", "test_loss", "seconds_per_epoch")
+
+
+def summary_table(report: dict, experiments: dict[str, dict]) -> dict[str, list]:
+    """The report's experiment table as columns (for ``mlflow.log_table``), one row per experiment, with its run id."""
+    rows = report["experiments"]
+    table: dict[str, list] = {("family" if c == "group" else c): [r.get(c) for r in rows] for c in TABLE_COLUMNS}
+    table["book"] = [r["book"]["book"] if r.get("book") else None for r in rows]
+    table["mlflow_run_id"] = [experiments.get(r["experiment"], {}).get("mlflow_run_id") for r in rows]
+    return table
+
+
 def log_to_mlflow(params: Params, report: dict, experiments: dict[str, dict], files: list[Path]) -> None:
-    """The report on its own child run and on the parent run; register the best variant; finish the parent."""
+    """The report on its own child run and on the parent run, with the summary as a table (not one metric per
+    experiment: the variants' metrics are on their own runs, where the chart view compares them); register the
+    best variant; finish the parent with a description that names the best variant and links the compare view."""
     from . import tracking
 
-    with tracking.step_run("report", params, []) as tracker:
+    with tracking.step_run("report", params, [], tags=tracking.run_tags(
+            "report", "report", "Every experiment beside the book's values (report.md); the summary table")) as tracker:
         if tracker is None:
             return
         for f in files:
             tracker.log_artifact(f)
+        table = summary_table(report, experiments)
+        tracker.client.log_table(tracker.run_id, table, "summary.json")
         metric = params.mlflow.registry.metric
         candidates = {n: m for n, m in experiments.items() if m.get("mlflow_model_uri")}
-        if candidates:
-            best = max(candidates, key=lambda n: candidates[n][metric])
+        best = max(candidates, key=lambda n: candidates[n][metric]) if candidates else None
+        if best is not None:
             tracker.set_tags({"best_variant": best})
             tracking.register(tracker, candidates[best]["mlflow_model_uri"], "best_variant", candidates[best][metric], params,
                               source_run_id=candidates[best].get("mlflow_run_id"))
@@ -371,12 +384,22 @@ def log_to_mlflow(params: Params, report: dict, experiments: dict[str, dict], fi
         parent_tracker = tracking.Tracker(tracker.client, parent, tracker.experiment_id)
         for f in files:
             parent_tracker.log_artifact(f, "report")
-        summary = {f"{r['experiment']}.test_accuracy": r["test_accuracy"] for r in report["experiments"] if r.get("test_accuracy") is not None}
+        tracker.client.log_table(parent, table, "summary.json")
+        url = tracking.compare_view_url(tracker.experiment_id)
+        note = [f"**{len(report['experiments'])} experiments.** Compare them in one view: [{url}]({url}) "
+                "(or the run list's *Views* menu: *ch11: compare variants*)."]
+        if best is not None:
+            m = candidates[best]
+            note.append(f"Best variant on {metric}: **{best}** ({metric} {m[metric]:.4f}, test_accuracy "
+                        f"{m.get('test_accuracy', float('nan')):.4f}).")
         if "transfer" in report:
-            summary["transfer.error_rate_reduction_mean"] = report["transfer"]["error_rate_reduction"][0]
-        parent_tracker.log_metrics(summary)
-        parent_tracker.set_tags({"experiment_runs": json.dumps({n: m.get("mlflow_run_id") for n, m in experiments.items()})[:5000]})
+            err = report["transfer"]["error_rate_reduction"]
+            note.append(f"Transfer: B-on-A error-rate reduction ×{err[0]:.2f} ± {err[1]:.2f}.")
+        note.append("The full table: artifact `summary.json` (Artifacts tab) and `report/report.md`.")
+        parent_tracker.set_tags({"experiment_runs": json.dumps({n: m.get("mlflow_run_id") for n, m in experiments.items()})[:5000],
+                                 **({"best_variant": best} if best else {}), tracking.TAG_NOTE: "\n\n".join(note)})
         tracker.client.set_terminated(parent, "FINISHED")
+        log.info("MLflow: compare the variants at %s", url)
 
 
 def run(
@@ -396,7 +419,7 @@ def run(
     card = read_json(card_json) if Path(card_json).is_file() else {}
     simulation = read_json(selu_simulation_json) if selu_simulation_json and Path(selu_simulation_json).is_file() else None
     report, md = build_report(params, experiments, histories, transfer, mc, card, load_book_values(), simulation)
-    learning_curves(Path(figures_dir), histories)
+    learning_curves(Path(figures_dir), histories, params)
     write_text(report_md, md)
     write_json(report_json, report)
     if summary_json is not None:

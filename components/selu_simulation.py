@@ -101,16 +101,32 @@ def figure(path: Path, curves: dict[str, np.ndarray], cfg: SeluSimulation) -> No
 def run(params: Params, csv_path: Path, figure_path: Path, metrics_path: Path) -> dict[str, Any]:
     from threadpoolctl import threadpool_limits
 
+    from . import tracking
+
     cfg = params.selu_simulation
-    with threadpool_limits(1):  # 100 x 100 matmuls: BLAS threads only fight over the 2 shared cores (4x slower)
-        curves = {act: simulate(cfg, act) for act in cfg.activations}
-    for act, c in curves.items():
-        for i in range(0, cfg.layers, cfg.print_every):
-            log.info("%s layer %d: mean %.2f, std deviation %.2f", act, i, c[i, 0], c[i, 1])
-    summary = summarize(curves, cfg)
-    write_csv(Path(csv_path), curves)
-    figure(Path(figure_path), curves, cfg)
-    write_json(metrics_path, summary)
+    note = (f"The book's NumPy demo: {cfg.rows} standardized inputs through {cfg.layers} random dense layers of "
+            f"{cfg.units} units (no training); SELU with LeCun init keeps mean ~0 and std ~1, beside "
+            f"{', '.join(a for a in cfg.activations if a != 'selu')}")
+    with tracking.step_run("selu_simulation", params, [], run_name="selu_simulation", spec=cfg.model_dump(),
+                           tags=tracking.run_tags("selu", "selu_simulation", note)) as tracker:
+        with threadpool_limits(1):  # 100 x 100 matmuls: BLAS threads only fight over the 2 shared cores (4x slower)
+            curves = {act: simulate(cfg, act) for act in cfg.activations}
+        for act, c in curves.items():
+            for i in range(0, cfg.layers, cfg.print_every):
+                log.info("%s layer %d: mean %.2f, std deviation %.2f", act, i, c[i, 0], c[i, 1])
+        summary = summarize(curves, cfg)
+        write_csv(Path(csv_path), curves)
+        figure(Path(figure_path), curves, cfg)
+        write_json(metrics_path, summary)
+        if tracker is not None:
+            # one point per layer (step = layer): the UI draws mean and std through depth per activation
+            tracker.log_history([{"epoch": i, **{f"{a}_{k}": float(curves[a][i, j]) for a in curves
+                                                 for j, k in ((0, "mean"), (1, "std")) if np.isfinite(curves[a][i, j])}}
+                                 for i in range(cfg.layers)])
+            tracker.log_metrics({f"{a}_{k}": summary[a][k] for a in curves for k in ("max_abs_mean",)})
+            if "selu_self_normalizes" in summary:
+                tracker.set_tags({"selu_self_normalizes": str(summary["selu_self_normalizes"]).lower()})
+            tracker.log_named({"activations_through_depth.png": Path(figure_path), "history.csv": Path(csv_path)})
     if "selu_self_normalizes" in summary:
         log.info("SELU %s through %d layers (mean within ±%.2f, std in [%.2f, %.2f])",
                  "self-normalizes" if summary["selu_self_normalizes"] else "does NOT self-normalize", cfg.layers,

@@ -47,6 +47,10 @@ TAG_PIPELINE = "ch11.pipeline_run"
 TAG_STEP = "ch11.step"
 TAG_PROCESS = "ch11.process"  # the step's process (process.Proc.ident): a RUNNING run whose process is gone failed
 TAG_DVC = "ch11.dvc_process"  # on a parent run: the `dvc` process of the execution
+TAG_FAMILY, TAG_EXPERIMENT, TAG_NOTE = "family", "experiment", "mlflow.note.content"
+DATA_STEPS = ("download", "split", "standardize")
+FINAL_COUNTS = ("epochs", "best_epoch", "params_count")
+VIEW_KEY = "ch11-variants"  # the run list's saved view "Views → ch11: compare variants"
 ROOT = Path.cwd
 
 
@@ -697,15 +701,36 @@ class Tracker:
         self.client.log_inputs(self.run_id, datasets=inputs)
         self.set_tags(tags)
 
-    def log_run(self, model, metrics: dict, history: list[dict], files: list[Path], example=None):
+    def log_run(self, model, metrics: dict, history: list[dict], files: "list[Path] | dict[str, Path]", example=None):
         """Final metrics, one point per epoch of the history, artifacts and the model of a training run
-        (``example``: a few raw test rows, logged as the model's input example)."""
-        self.log_metrics({k: v for k, v in metrics.items() if k.endswith(("accuracy", "loss")) or "seconds" in k},
-                         step=int(metrics.get("epochs", 0)), prefix="final_")
+        (``example``: a few raw test rows, logged as the model's input example).
+
+        Final metrics keep the names of the metrics JSON (``test_accuracy``, ``valid_accuracy``,
+        ``seconds_per_epoch``, ...) on every training run, at step 0, so that the chart view draws one bar chart
+        per metric across the variants. ``files`` as a dict logs each file under a common name at the artifact root
+        (``learning_curves.png``, ``history.csv``), so that the compare page shows them side by side."""
+        self.log_metrics({k: v for k, v in metrics.items()
+                          if k.endswith(("accuracy", "loss")) or "seconds" in k or k in FINAL_COUNTS})
         self.log_history(history)
-        for f in files:
-            self.log_artifact(f)
+        if isinstance(files, dict):
+            self.log_named(files)
+        else:
+            for f in files:
+                self.log_artifact(f)
         return self.log_keras_model(model, example=example) if self.log_models else None
+
+    @_guarded(lambda files, artifact_path=None: f"artifacts {', '.join(files)}")
+    def log_named(self, files: dict[str, Path], artifact_path: str | None = None) -> None:
+        """Files under the names given ({artifact name: local file}), in one upload; missing files are skipped."""
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ch11-artifacts-") as tmp:
+            for name, src in files.items():
+                if Path(src).is_file():
+                    shutil.copyfile(src, Path(tmp) / name)
+            if any(Path(tmp).iterdir()):
+                self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
     @_guarded(lambda model, name="model", registered_name=None, example=None: "the model (Keras flavour)"
               + (f", registered as {registered_name}" if registered_name else ""))
@@ -1012,14 +1037,77 @@ def _logged_steps(client, run_id: str) -> dict[str, int]:
     return {m.key: int(m.step) for m in getattr(run.data, "_metric_objs", [])}
 
 
+def run_tags(family: str, experiment: str, description: str | None = None) -> dict[str, str]:
+    """The tags every child run has: its family and experiment (to group and filter by), its description as the
+    run's description (MLflow's ``mlflow.note.content``, shown on the run page and in the run list's tooltip)."""
+    tags = {TAG_FAMILY: family, TAG_EXPERIMENT: experiment}
+    if description:
+        tags[TAG_NOTE] = description
+    return tags
+
+
+def _child_tags(step: str, run_name: str | None, tags: dict[str, str] | None) -> dict[str, str]:
+    out = {TAG_FAMILY: "data" if step in DATA_STEPS else step, TAG_EXPERIMENT: run_name or step}
+    out.update({k: str(v) for k, v in (tags or {}).items() if v not in (None, "")})
+    return out
+
+
+def compare_view_state() -> dict[str, Any]:
+    """The run list as a data scientist wants it: every run with a test accuracy (the variants, model B and B-on-A
+    per seed, MC dropout), flat (a filter or a metric sort turns off nesting under the parent), best validation
+    accuracy first, with the accuracy, time and family columns, and every run drawn in the charts."""
+    return {
+        "searchFilter": "metrics.test_accuracy >= 0", "orderByKey": "metrics.`valid_accuracy`", "orderByAsc": False,
+        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+        "selectedColumns": ["metrics.`test_accuracy`", "metrics.`valid_accuracy`", "metrics.`seconds_per_epoch`",
+                            "tags.`family`", "attributes.`Models`"],
+        "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
+    }
+
+
+def _view_tag_value(name: str, state: dict[str, Any]) -> str:
+    """A saved view of the run list as MLflow's UI (3.x) stores one: an experiment tag
+    ``mlflow.sharedViewState.<key>`` = {name, createdAt, updatedAt, state: "deflate;" + base64(zlib(JSON))}."""
+    import base64
+    import zlib
+
+    now = int(time.time() * 1000)
+    packed = "deflate;" + base64.b64encode(zlib.compress(json.dumps(state).encode(), 9)).decode()
+    return json.dumps({"name": name, "createdAt": now, "updatedAt": now, "state": packed})
+
+
+def ensure_compare_view(client, experiment_id: str) -> None:
+    """Once per experiment: mark it a model-training experiment (MLflow's experiment kind) and add the saved view
+    "ch11: compare variants" to the run list's Views menu. Kept if already there
+    (a user may have changed them); a failure is logged, never fatal."""
+    try:
+        tags = client.get_experiment(experiment_id).tags or {}
+        if "mlflow.experimentKind" not in tags:
+            client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+        if f"mlflow.sharedViewState.{VIEW_KEY}" not in tags:
+            client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}",
+                                      _view_tag_value("ch11: compare variants", compare_view_state()))
+    except Exception as err:  # noqa: BLE001 - a convenience of the UI
+        log.warning("could not add the compare view to MLflow experiment %s: %s", experiment_id, err)
+
+
+def compare_view_url(experiment_id: str, uri: str | None = None, mode: str | None = None) -> str:
+    """The link that opens the run list on that saved view (``make mlflow-ui`` serves the local store on :5000)."""
+    uri = uri or tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}" + (f"&compareRunsMode={mode}" if mode else "")
+
+
 @contextlib.contextmanager
 def step_run(step: str, params: Params, inputs: list[str], run_name: str | None = None,
              spec: dict[str, Any] | None = None, parent: str | None = None,
              splits: dict[str, Path] | None = None, resume: Path | None = None,
-             system_metrics: bool | None = None) -> Iterator[Tracker | None]:
+             system_metrics: bool | None = None, tags: dict[str, str] | None = None) -> Iterator[Tracker | None]:
     """A child run for one step; FAILED with the error as a tag if the block raises, KILLED on Ctrl-C / SIGTERM.
     Yields None when disabled.
 
+    Every child has the tags ``family`` and ``experiment`` (defaults: "data" for the data steps, else the step;
+    the run name); ``tags`` adds or overrides them (see `run_tags`).
     ``splits``: the split files the step reads ({split: path}, ``split_files``), logged as one dataset input each
     in place of the whole ``data/splits`` input. ``resume``: the step's resume directory (its checkpoint): the run
     id is kept there, and a rerun after a stop continues that run instead of opening a new one.
@@ -1048,13 +1136,14 @@ def step_run(step: str, params: Params, inputs: list[str], run_name: str | None 
         try:
             end_lost_runs(client, uri)
             exp_id = _experiment_id(client, params.mlflow.experiment_name)
+            ensure_compare_view(client, exp_id)
             parent_id = parent or parent_run(client, exp_id)
-            tags = {"mlflow.parentRunId": parent_id, "mlflow.runName": label, **_base_tags(step, params, inputs),
-                    TAG_PROCESS: process.this_process().ident}
-            run_id = _reopen(client, resume, exp_id, tags) if resume is not None else None
+            run_tags_ = {"mlflow.parentRunId": parent_id, "mlflow.runName": label, **_base_tags(step, params, inputs),
+                         **_child_tags(step, run_name, tags), TAG_PROCESS: process.this_process().ident}
+            run_id = _reopen(client, resume, exp_id, run_tags_) if resume is not None else None
             resumed = run_id is not None
             if run_id is None:
-                run_id = client.create_run(exp_id, tags=tags).info.run_id
+                run_id = client.create_run(exp_id, tags=run_tags_).info.run_id
                 if resume is not None:
                     from .io import write_json
 

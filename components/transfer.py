@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from . import tracking, train
-from .config import Experiment, Params
-from .experiment import checkpoint_for, split_digests, train_experiment
+from .config import Experiment, Params, family_of
+from .dataset import read_meta
+from .experiment import SPEC_ONLY, checkpoint_for, log_training, split_digests, train_experiment
 from .io import read_json, write_json
 
 log = logging.getLogger("components.transfer")
@@ -36,7 +37,8 @@ def run_model_a(params: Params, splits_dir: Path, model_path: Path, metrics_path
     t = _transfer(params)
     ckpt = checkpoint_for("model_a", t.model_a, params, split_digests(splits_dir, "a"), params.seed)
     with tracking.step_run("model_a", params, ["data/splits"], run_name="model_a",
-                           spec={"experiment": "model_a", **t.model_a.model_dump(exclude_none=True)},
+                           spec={"experiment": "model_a", **t.model_a.model_dump(exclude_none=True, exclude=SPEC_ONLY)},
+                           tags=tracking.run_tags(family_of("model_a", t.model_a), "model_a", t.model_a.description),
                            splits=tracking.split_files(splits_dir, "a"), resume=ckpt.dir) as tracker:
         data = train.load_task(splits_dir, "a")
         live = [tracker.epoch_callback()] if tracker is not None else []
@@ -46,7 +48,8 @@ def run_model_a(params: Params, splits_dir: Path, model_path: Path, metrics_path
         metrics = {"experiment": "model_a", "task": "a", **metrics}
         if tracker is not None:
             metrics["mlflow_run_id"] = tracker.run_id
-            info = tracker.log_run(model, metrics, history, [history_path], example=data.x["test"][:5])
+            info = log_training(tracker, "model_a", model, metrics, history, data, _classes(splits_dir, "a"),
+                                {"history.csv": Path(history_path)})
             if info is not None:
                 tracking.register(tracker, info.model_uri, "model_a", metrics[params.mlflow.registry.metric], params)
         write_json(metrics_path, metrics)
@@ -62,7 +65,9 @@ def run_model_b(params: Params, splits_dir: Path, models_dir: Path, metrics_path
     for seed in t.seeds:
         ckpt = checkpoint_for(f"model_b_seed{seed}", t.model_b, params, data.fingerprint, seed)
         with tracking.step_run("model_b", params, ["data/splits"], run_name=f"model_b seed {seed}",
-                               spec={"experiment": "model_b", **t.model_b.model_dump(exclude_none=True)},
+                               spec={"experiment": "model_b", **t.model_b.model_dump(exclude_none=True, exclude=SPEC_ONLY)},
+                               tags=tracking.run_tags(family_of("model_b", t.model_b), "model_b",
+                                                      f"{t.model_b.description} (seed {seed})"),
                                splits=tracking.split_files(splits_dir, "b"), resume=ckpt.dir) as tracker:
             live = [tracker.epoch_callback()] if tracker is not None else []
             model, metrics, history, extras = train_experiment(f"model_b_seed{seed}", t.model_b, params, data, seed=seed,
@@ -70,7 +75,7 @@ def run_model_b(params: Params, splits_dir: Path, models_dir: Path, metrics_path
             train.save_model(model, Path(models_dir) / f"seed_{seed}.keras")
             if tracker is not None:
                 tracker.log_params({"transfer_seed": seed})
-                tracker.log_run(model, metrics, history, [], example=data.x["test"][:5])
+                log_training(tracker, f"model_b seed {seed}", model, metrics, history, data, _classes(splits_dir, "b"))
                 metrics["mlflow_run_id"] = tracker.run_id
         per_seed[seed], histories[seed] = metrics, history
         extras["checkpoint"].clear()
@@ -193,10 +198,12 @@ def run_b_on_a(
     b = read_json(model_b_metrics)
     per_seed, histories, factors, models_info = {}, {}, {}, {}
     for seed in t.seeds:
-        spec = {"experiment": "b_on_a", "transfer_seed": seed, **t.b_on_a.model_dump(), "model_b": t.model_b.model_dump(exclude_none=True)}
+        spec = {"experiment": "b_on_a", "transfer_seed": seed, **t.b_on_a.model_dump(),
+                "model_b": t.model_b.model_dump(exclude_none=True, exclude=SPEC_ONLY)}
         resume = b_on_a_checkpoints(params, model_a, data, seed)[0].dir  # kept until both phases are done
         with tracking.step_run("b_on_a", params, ["data/splits", "models/transfer/model_a.keras"],
                                run_name=f"b_on_a seed {seed}", spec=spec,
+                               tags=tracking.run_tags(family_of("b_on_a", t.model_b), "b_on_a", _b_on_a_note(t, seed)),
                                splits=tracking.split_files(splits_dir, "b"), resume=resume) as tracker:
             model, metrics, history = train_b_on_a(params, model_a, data, seed,
                                                    live=tracker.epoch_callback if tracker is not None else None)
@@ -206,8 +213,8 @@ def run_b_on_a(
             metrics["error_rate_reduction"] = factors[seed]
             metrics["model_b_test_accuracy"] = acc_b
             if tracker is not None:
-                info = tracker.log_run(model, metrics, history, [], example=data.x["test"][:5])
-                tracker.log_metrics({"error_rate_reduction": factors[seed], "model_b_test_accuracy": acc_b})
+                info = log_training(tracker, f"b_on_a seed {seed}", model, metrics, history, data, _classes(splits_dir, "b"))
+                tracker.log_metrics({"error_rate_reduction": factors[seed]})
                 models_info[seed] = (tracker, info)
                 metrics["mlflow_run_id"] = tracker.run_id
         per_seed[seed], histories[seed] = metrics, history
@@ -235,6 +242,17 @@ def run_b_on_a(
              len(t.seeds), b["test_accuracy_mean"], b["test_accuracy_std"], summary["test_accuracy_mean"],
              summary["test_accuracy_std"], fs["mean"], fs["std"])
     return summary
+
+
+def _classes(splits_dir: Path, task: str) -> list[str]:
+    return read_meta(Path(splits_dir) / f"{task}_test.parquet")["class_names"]
+
+
+def _b_on_a_note(t, seed: int) -> str:
+    c = t.b_on_a
+    return (f"B-on-A: a clone of model A with a new sigmoid head, on the task-B images; reused layers frozen for "
+            f"{c.frozen_epochs} epochs (SGD {c.frozen_learning_rate:g}), then unfrozen and re-compiled for "
+            f"{c.unfrozen_epochs} epochs (SGD {c.unfrozen_learning_rate:g}) (seed {seed})")
 
 
 def _transfer(params: Params):

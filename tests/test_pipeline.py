@@ -104,7 +104,7 @@ def test_mlflow_hierarchy_metrics_artifacts_lineage_registry(repo, repro, mlflow
         for key in ("val_accuracy", "loss", "learning_rate", "epoch_seconds"):
             hist = c.get_metric_history(r.info.run_id, key)
             assert [m.step for m in hist] == list(range(1, EPOCHS + 1)), (name, key)
-        assert "final_test_accuracy" in r.data.metrics
+        assert "test_accuracy" in r.data.metrics
         assert r.data.params["experiment"] == name and "model.hidden.0.units" in r.data.params
         t = r.data.tags
         assert t["git.commit"] == head and t["git.dirty"] in ("true", "false") and len(t["params.sha256"]) == 16
@@ -120,9 +120,8 @@ def test_mlflow_hierarchy_metrics_artifacts_lineage_registry(repo, repro, mlflow
             digest, tags = inputs[path]
             assert digest == hashlib.md5((repo / path).read_bytes()).hexdigest() and tags["mlflow.data.context"] == context
         assert "system/cpu_utilization_percentage" in r.data.metrics
-        arts = {a.path for a in c.list_artifacts(r.info.run_id, name)}
-        assert {f"{name}/learning_curves.png", f"{name}/confusion_matrix.png"} <= arts, arts
-        assert any(a.path.endswith(".csv") for a in c.list_artifacts(r.info.run_id))
+        arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert {"learning_curves.png", "confusion_matrix.png", "history.csv"} <= arts, arts
     models = {m.name for m in c.search_logged_models([exp.experiment_id])}
     assert models, "no model was logged"
     for short in ("model_a", "b_on_a", "best_variant"):
@@ -186,7 +185,7 @@ def test_registered_models_serve_with_mlflow_alone(repo, repro, mlflow_server, t
     # served from a clean process, the best variant scores on the real test rows what its training run reported
     c = mlflow.MlflowClient(mlflow_server)
     champion = c.get_model_version_by_alias("ch11_best_variant", "champion")
-    reported = c.get_run(champion.run_id).data.metrics["final_test_accuracy"]
+    reported = c.get_run(champion.run_id).data.metrics["test_accuracy"]
     assert abs(float(np.mean(got["ch11_best_variant"].argmax(axis=1) == y)) - reported) < 2 / n
     for name in names:
         example = got[f"{name}.example"]
@@ -295,41 +294,3 @@ def test_failed_step_is_a_failed_run(repo, repro, mlflow_server):
     exp = c.get_experiment_by_name("ch11-training-deep-nets")
     failed = c.search_runs([exp.experiment_id], filter_string="attributes.status = 'FAILED'")
     assert any("TrainingDiverged" in r.data.tags.get("error", "") for r in failed)
-
-
-def test_mlflow_ui_compare_view_in_a_browser(repo, repro, mlflow_server):
-    """Headless Chromium (Debian's, driven by Playwright) opens the compare view of two child runs."""
-    import shutil
-
-    from mlflow import MlflowClient
-
-    from .conftest import ROOT
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("Debian chromium is not installed (make test installs it when run as root)")
-    from playwright.sync_api import sync_playwright
-
-    c = MlflowClient(mlflow_server)
-    exp = c.get_experiment_by_name("ch11-training-deep-nets")
-    runs = {r.data.tags["mlflow.runName"]: r for r in c.search_runs([exp.experiment_id], max_results=1000)}
-    a, b = runs["leaky_relu"], runs["bn_after"]
-    ids = f'["{a.info.run_id}","{b.info.run_id}"]'
-    url = f'{mlflow_server}/#/compare-runs?runs={ids}&experiments=["{exp.experiment_id}"]'
-    shot = ROOT / "test-artifacts" / "mlflow_compare.png"
-    shot.parent.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1400})
-        page.goto(url)
-        page.get_by_text("final_test_accuracy").first.wait_for(timeout=60_000)
-        text = page.inner_text("body")
-        page.screenshot(path=str(shot), full_page=True)
-        browser.close()
-    assert "leaky_relu" in text and "bn_after" in text
-    for run_ in (a, b):
-        value = run_.data.metrics["final_test_accuracy"]
-        assert f"{value:.4g}"[:5] in text or f"{value:.3f}" in text, (value, text[:2000])
-    assert shot.stat().st_size > 10_000

@@ -93,3 +93,45 @@ def test_dvc_repo_lock_is_taken_unless_dvc_uses_hardlink_locks(tmp_path, config,
     (tmp_path / ".dvc" / "config").write_text(config)
     with dvc_repo_lock(tmp_path) as got:
         assert got is held
+
+
+def test_every_child_gets_family_and_experiment_tags_and_the_compare_view(tmp_path, monkeypatch, params):
+    """step_run tags every child with `family` and `experiment` (defaults for the data steps, the given ones for the
+    others, the description as the run description) and gives the experiment the run list's saved view, which
+    MLflow's UI decodes (deflate + base64 JSON) into a flat list with a test_accuracy column."""
+    import base64
+    import json
+    import zlib
+
+    from mlflow import MlflowClient
+
+    from components import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking.step_run("split", params, []) as data_run:
+        pass
+    with tracking.step_run("experiment", params, [], run_name="elu",
+                           tags=tracking.run_tags("activations", "elu", "ELU")) as exp_run:
+        pass
+    c = MlflowClient(tracking.tracking_uri())
+    t = c.get_run(data_run.run_id).data.tags
+    assert (t["family"], t["experiment"]) == ("data", "split") and "mlflow.note.content" not in t
+    t = c.get_run(exp_run.run_id).data.tags
+    assert (t["family"], t["experiment"], t["mlflow.note.content"]) == ("activations", "elu", "ELU")
+    tags = c.get_experiment(exp_run.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags[f"mlflow.sharedViewState.{tracking.VIEW_KEY}"])
+    kind, packed = view["state"].split(";", 1)
+    state = json.loads(zlib.decompress(base64.b64decode(packed)))
+    assert kind == "deflate" and view["name"] == "ch11: compare variants"
+    assert "metrics.`test_accuracy`" in state["selectedColumns"] and state["searchFilter"]  # a filter: not nested
+    assert tracking.compare_view_url(exp_run.experiment_id, "http://h:5000/").endswith(
+        f"/#/experiments/{exp_run.experiment_id}/runs?viewStateShareKey={tracking.VIEW_KEY}")
+
+
+def test_every_experiment_of_params_yaml_names_its_family(params):
+    from components.config import PREFIX_FAMILIES
+
+    assert all(e.family for e in params.experiments.values())
+    assert params.transfer.model_a.family == params.transfer.model_b.family == "transfer"
+    assert {e.family for e in params.experiments.values()} <= set(PREFIX_FAMILIES.values())
