@@ -372,7 +372,7 @@ def log_to_mlflow(params: Params, report: dict, experiments: dict[str, dict], fi
         for f in files:
             tracker.log_artifact(f)
         table = summary_table(report, experiments)
-        tracker.client.log_table(tracker.run_id, table, "summary.json")
+        tracker.client.log_table(tracker.run_id, table, "experiments_table.json")
         metric = params.mlflow.registry.metric
         candidates = {n: m for n, m in experiments.items() if m.get("mlflow_model_uri")}
         best = max(candidates, key=lambda n: candidates[n][metric]) if candidates else None
@@ -384,7 +384,7 @@ def log_to_mlflow(params: Params, report: dict, experiments: dict[str, dict], fi
         parent_tracker = tracking.Tracker(tracker.client, parent, tracker.experiment_id)
         for f in files:
             parent_tracker.log_artifact(f, "report")
-        tracker.client.log_table(parent, table, "summary.json")
+        tracker.client.log_table(parent, table, "experiments_table.json")
         url = tracking.compare_view_url(tracker.experiment_id)
         note = [f"**{len(report['experiments'])} experiments.** Compare them in one view: [{url}]({url}) "
                 "(or the run list's *Views* menu: *ch11: compare variants*)."]
@@ -395,7 +395,7 @@ def log_to_mlflow(params: Params, report: dict, experiments: dict[str, dict], fi
         if "transfer" in report:
             err = report["transfer"]["error_rate_reduction"]
             note.append(f"Transfer: B-on-A error-rate reduction ×{err[0]:.2f} ± {err[1]:.2f}.")
-        note.append("The full table: artifact `summary.json` (Artifacts tab) and `report/report.md`.")
+        note.append("The full table: artifact `experiments_table.json` (Artifacts tab) and `report/report.md`.")
         parent_tracker.set_tags({"experiment_runs": json.dumps({n: m.get("mlflow_run_id") for n, m in experiments.items()})[:5000],
                                  **({"best_variant": best} if best else {}), tracking.TAG_NOTE: "\n\n".join(note)})
         tracker.client.set_terminated(parent, "FINISHED")

@@ -94,8 +94,8 @@ def test_parent_logs_the_summary_as_a_table_not_one_metric_per_experiment(view, 
     c, exp_id, parent, children, raw = view
     assert not [k for k in parent.data.metrics if k.split(".")[0] in set(raw["experiments"]) | {"transfer"}]
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert "summary.json" in arts and "report" in arts
-    table = json.loads(open(c.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))).read())
+    assert "experiments_table.json" in arts and "report" in arts
+    table = json.loads(open(c.download_artifacts(parent.info.run_id, "experiments_table.json", str(tmp_path))).read())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert {r["experiment"] for r in rows} == set(raw["experiments"])
     for r in rows:
