@@ -12,7 +12,8 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup dataset browser repro test lock dvc-yaml mlflow-ui benchmark cifar10
+.PHONY: setup dataset browser repro test lock dvc-yaml mlflow-ui benchmark cifar10 \
+        docker-daemon base-image wheelhouse image image-gpu image-name gpu-check
 
 setup: $(VENV)/.installed
 
@@ -50,8 +51,11 @@ repro: setup dataset
 test: setup dataset browser
 	pytest
 
+# The dev lock first; the image locks take it as a constraint, so every package they share has the same version.
 lock:
-	$(VENV)/bin/uv pip compile --python-version 3.11 requirements.in -o requirements.lock
+	$(VENV)/bin/uv pip compile -q --python-version 3.11 requirements.in -o requirements.lock
+	$(VENV)/bin/uv pip compile -q --python-version 3.11 requirements-runtime.in -c requirements.lock -o requirements-runtime.lock
+	$(VENV)/bin/uv pip compile -q --python-version 3.11 requirements-gpu.in -c requirements.lock -o requirements-gpu.lock
 
 mlflow-ui: setup   # the local runs (sqlite:///mlflow.db + mlartifacts/) at http://127.0.0.1:5000
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
@@ -72,3 +76,79 @@ cifar10: setup
 	  MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 	  PYTHONPATH=$(CURDIR) python $(CURDIR)/tools/warm.py run -- dvc repro
 	@echo "==> done. Summary: $(CURDIR)/cifar10/reports/summary.md (metrics: cd cifar10 && dvc metrics show)"
+
+# ------------------------------------------------------------------------------------------ images
+# `make image` / `make image-gpu`: the task images of the Kubeflow pipeline, from one Dockerfile (docs/kubeflow.md).
+# The tag is a hash of what goes into the image (base, Dockerfile, locks, code), so an unchanged image is reused.
+# OFFLINE=1: no registry and no package index needed in the build (air-gapped sites, these machines): the base
+# is a local Debian (`make base-image`, debootstrap) and the wheels come from a host-built wheelhouse.
+IMAGE_NAME ?= ch11-pipeline
+OFFLINE ?= 0
+LOCAL_BASE := ch11-base:bookworm
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+ifeq ($(OFFLINE),1)
+BASE ?= $(LOCAL_BASE)
+else
+BASE ?= python:3.11-slim-bookworm
+endif
+IMAGE_FILES := Dockerfile requirements-runtime.lock requirements-gpu.lock pyproject.toml params.yaml dvc.yaml \
+  pipeline.py $(sort $(shell find components -type f -not -path '*/__pycache__/*' -not -name '*.pyc'))
+IMAGE_TAG := $(shell (echo $(BASE); cat $(IMAGE_FILES)) | sha256sum | cut -c1-12)
+IMAGE ?= $(IMAGE_NAME):$(IMAGE_TAG)
+GPU_IMAGE ?= $(IMAGE_NAME):$(IMAGE_TAG)-gpu
+
+image-name:   # the CPU image's name:tag for this checkout (tests/test_docker.py asks)
+	@echo $(IMAGE)
+
+docker-daemon:   # a running Docker daemon; as root, installs docker.io and starts dockerd when missing
+	@if docker info >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "==> the Docker daemon is not reachable (docker info failed): start it (sudo systemctl start docker)"; \
+	  echo "    or add yourself to the docker group, then retry"; exit 1; fi; \
+	if ! command -v dockerd >/dev/null; then \
+	  echo "==> installing the Debian packages docker.io and debootstrap"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap; fi; \
+	echo "==> starting dockerd (log: /var/log/ch11-dockerd.log)"; \
+	nohup dockerd >/var/log/ch11-dockerd.log 2>&1 & \
+	for i in $$(seq 60); do docker info >/dev/null 2>&1 && exit 0; sleep 1; done; \
+	echo "==> dockerd did not come up in 60 s; its log:"; tail -20 /var/log/ch11-dockerd.log; exit 1
+
+base-image: docker-daemon   # a minimal Debian bookworm with python3 + venv, made here (no registry): ch11-base:bookworm
+	@if docker image inspect $(LOCAL_BASE) >/dev/null 2>&1; then echo "==> $(LOCAL_BASE) present"; exit 0; fi; \
+	command -v debootstrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap; } || \
+	  { echo "==> debootstrap is missing: sudo apt-get install debootstrap"; exit 1; }; \
+	echo "==> building $(LOCAL_BASE) with debootstrap from $(DEBIAN_MIRROR) (a few minutes)"; \
+	d=$$(mktemp -d /var/tmp/ch11-base.XXXXXX); \
+	debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm $$d $(DEBIAN_MIRROR) \
+	  >$$d.log 2>&1 || { tail -20 $$d.log; rm -rf $$d $$d.log; exit 1; }; \
+	rm -rf $$d/var/cache/apt/archives/*.deb $$d/var/lib/apt/lists/* $$d/usr/share/doc/* $$d/usr/share/man/* \
+	  $$d/usr/share/locale/*; \
+	tar -C $$d -c . | docker import -c 'CMD ["python3"]' - $(LOCAL_BASE); rc=$$?; rm -rf $$d $$d.log; exit $$rc
+
+# wheels of a lock for an offline build, downloaded (or built, for the few sdists) on the host: wheelhouse/<lock>/
+wheelhouse: wheelhouse/requirements-runtime/.done
+wheelhouse/%/.done: %.lock | setup
+	@echo "==> wheelhouse for $<: wheelhouse/$*/"
+	$(VENV)/bin/python -m pip wheel -q --disable-pip-version-check --no-deps -r $< -w wheelhouse/$*
+	touch $@
+
+# build $(1) from lock $(2): the build context is streamed (Dockerfile, locks, code, and that lock's wheelhouse
+# as wheelhouse/ when OFFLINE=1), so nothing else of the checkout (.venv, data, mlruns) is sent
+define build_image
+	@if docker image inspect $(1) >/dev/null 2>&1; then echo "==> $(1) is up to date (same locks and code)"; exit 0; fi; \
+	echo "==> building $(1) from $(2) on $(BASE)"; start=$$(date +%s); \
+	tar -c $(IMAGE_FILES) $(if $(filter 1,$(OFFLINE)),--transform 's|^wheelhouse/$(basename $(2))|wheelhouse|' wheelhouse/$(basename $(2))) \
+	  | docker build --build-arg BASE=$(BASE) --build-arg LOCK=$(2) -t $(1) - && \
+	echo "==> built $(1) in $$(( $$(date +%s) - start )) s, $$(docker image inspect -f '{{.Size}}' $(1) | awk '{printf "%.2f GB", $$1/1e9}')"
+endef
+
+image: docker-daemon $(if $(filter 1,$(OFFLINE)),base-image wheelhouse/requirements-runtime/.done)
+	$(call build_image,$(IMAGE),requirements-runtime.lock)
+
+image-gpu: docker-daemon $(if $(filter 1,$(OFFLINE)),base-image wheelhouse/requirements-gpu/.done)
+	$(call build_image,$(GPU_IMAGE),requirements-gpu.lock)
+
+# The GPU image checked without a GPU: TensorFlow's build info names CUDA and cuDNN, and their libraries load.
+gpu-check: image-gpu
+	docker run --rm -i $(GPU_IMAGE) python - < tools/gpu_check.py
