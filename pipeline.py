@@ -22,6 +22,7 @@ run joins one MLflow parent run per KFP run (tag ``kfp.run_id``). See README, "K
 
 import argparse
 import json
+import linecache
 import os
 import sys
 import time
@@ -40,96 +41,61 @@ from components import kfp_step, registry  # noqa: E402
 from components.config import Params, ParamsError, load_raw, resolve_defaults, validate_params  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ components
-# One per registry step; argument names are the step's run() arguments (tests/test_kfp.py checks them), written
-# once here; each body hands them on as they are. A body runs in the task's container: it imports the project
-# package there, installs nothing.
+# One lightweight component per registry step, made from the registry (a step's argument names and paths are
+# written there, once, and in its step function's signature; tests/test_registry.py checks the two agree).
+# Its arguments are typed by what they hold, and its body hands them, as they are, to the step function the
+# DVC stage calls. In the task's container it imports the image's package; it installs nothing. For example:
+#
+#     def model_a(params: str, data_version: str, splits_dir: Input[Dataset], model_path: Output[Model],
+#                 metrics_path: Output[Metrics], history_path: Output[Dataset]):
+#         artifacts = dict(locals())
+#         from components.kfp_step import run_step
+#         run_step('model_a', **artifacts)
+#
+# `python pipeline.py components` prints them all.
+
+ARTIFACT_TYPES = {t.__name__: t for t in (Artifact, Dataset, Markdown, Metrics, Model)}
 
 
-def download(params: str, data_version: str, out_dir: Output[Dataset]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step
-
-    run_step("download", **artifacts)
-
-
-def split(params: str, data_version: str, raw_dir: Input[Dataset], out_dir: Output[Dataset],
-          card_md: Output[Markdown], card_json: Output[Metrics]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step
-
-    run_step("split", **artifacts)
-
-
-def standardize(params: str, data_version: str, splits_dir: Input[Dataset], scaler_path: Output[Artifact],
-                metrics_path: Output[Metrics]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step
-
-    run_step("standardize", **artifacts)
+def artifact_type(step: registry.Step, arg: str) -> str:
+    """The KFP artifact type of one step argument: what its output holds, or what its producer's output holds."""
+    if arg in step.metrics:
+        return "Metrics"
+    if arg in step.plots:
+        return "Dataset"
+    if arg in step.outputs:
+        path = step.outputs[arg]
+        if path.endswith(".keras") or path.startswith("models/"):
+            return "Model"
+        return "Markdown" if path.endswith(".md") else "Dataset" if path.startswith("data/") else "Artifact"
+    src, out, fan_in = source_of(step.inputs[arg])
+    return f"List[{artifact_type(src, out)}]" if fan_in else artifact_type(src, out)
 
 
-def experiment(params: str, data_version: str, splits_dir: Input[Dataset], scaler_path: Input[Artifact],
-               model_path: Output[Model], artifacts_dir: Output[Artifact], metrics_path: Output[Metrics],
-               history_path: Output[Dataset], diagnostics_path: Output[Dataset]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step  # which experiment: the one entry of `experiments` in params
-
-    run_step("experiment", **artifacts)
+# Pipeline parameters a user may change in the KFP UI at run time (no recompile): the data version and the seeds.
+# A component takes those of its step's params; run_step puts them into the task's params before validation.
+RUNTIME_PARAMETERS = {"seed": "seed: int", "transfer.seeds": "transfer_seeds: List[int]"}
 
 
-def model_a(params: str, data_version: str, splits_dir: Input[Dataset], model_path: Output[Model],
-            metrics_path: Output[Metrics], history_path: Output[Dataset]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step
-
-    run_step("model_a", **artifacts)
-
-
-def model_b(params: str, data_version: str, splits_dir: Input[Dataset], models_dir: Output[Model],
-            metrics_path: Output[Metrics], history_path: Output[Dataset]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step
-
-    run_step("model_b", **artifacts)
+def component_source(step: registry.Step) -> str:
+    args = ["params: str", "data_version: str", *(a for k, a in RUNTIME_PARAMETERS.items() if k in step.params),
+            *(f"{a}: Input[{artifact_type(step, a)}]" for a in step.inputs),
+            *(f"{a}: Output[{artifact_type(step, a)}]" for a in (*step.outputs, *step.metrics, *step.plots))]
+    return (f"def {step.name}({', '.join(args)}):\n"
+            "    artifacts = dict(locals())\n"
+            "    from components.kfp_step import run_step\n"
+            f"    run_step({step.name!r}, **artifacts)\n")
 
 
-def b_on_a(params: str, data_version: str, splits_dir: Input[Dataset], model_a_path: Input[Model],
-           model_b_metrics: Input[Metrics], models_dir: Output[Model], metrics_path: Output[Metrics],
-           history_path: Output[Dataset]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step
-
-    run_step("b_on_a", **artifacts)
-
-
-def mc_dropout(params: str, data_version: str, splits_dir: Input[Dataset], models_dir: Input[List[Model]],
-               artifacts_dir: Output[Artifact], metrics_path: Output[Metrics]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step
-
-    run_step("mc_dropout", **artifacts)
-
-
-def selu_simulation(params: str, data_version: str, figure_path: Output[Artifact], metrics_path: Output[Metrics],
-                    csv_path: Output[Dataset]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step
-
-    run_step("selu_simulation", **artifacts)
-
-
-def report(params: str, data_version: str, experiments_dir: Input[List[Metrics]], model_a_metrics: Input[Metrics],
-           model_b_metrics: Input[Metrics], b_on_a_metrics: Input[Metrics], mc_json: Input[Metrics],
-           histories_dir: Input[List[Dataset]], card_json: Input[Metrics], selu_simulation_json: Input[Metrics],
-           figures_dir: Output[Artifact], report_md: Output[Markdown], report_json: Output[Metrics]):
-    artifacts = dict(locals())  # the arguments, named as in the registry (tests/test_kfp.py checks them)
-    from components.kfp_step import run_step
-
-    run_step("report", **artifacts)
-
-
-FUNCTIONS: dict[str, Callable] = {f.__name__: f for f in (
-    download, split, standardize, experiment, model_a, model_b, b_on_a, mc_dropout, selu_simulation, report)}
+def component_function(step: registry.Step) -> Callable:
+    """The component's Python function, defined from its source. KFP ships a lightweight component's source to
+    the task (inspect.getsource), so the source is registered with linecache as dataclasses does for __init__."""
+    source = component_source(step)
+    filename = f"<pipeline.py component {step.name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    namespace: dict[str, Any] = {"__name__": __name__, "Input": Input, "Output": Output, "List": List, **ARTIFACT_TYPES}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own source, made from the registry
+    return namespace[step.name]
 
 
 # ------------------------------------------------------------------------------------------ wiring
@@ -164,13 +130,39 @@ def data_version_of(lock: Path = ROOT / "dvc.lock", params: Params | None = None
     return "sha256-" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def lineage_env(lock: Path = ROOT / "dvc.lock") -> dict[str, str]:
-    """Git commit and DVC hashes at compile time, for the tasks' lineage tags (no git or dvc.lock in a pod)."""
-    from components import tracking
-
-    git = tracking.git_state()
+def lineage_env(step: registry.Step, hashes: dict[str, str], git: dict[str, str]) -> dict[str, str]:
+    """Git commit and the DVC hashes of the step's inputs at compile time, for its lineage tags (there is no git
+    checkout or dvc.lock in a pod): a few hundred bytes per task."""
+    inputs = {p: hashes[p] for p in step.inputs.values() if p in hashes}
     return {"CH11_GIT_COMMIT": git["git.commit"], "CH11_GIT_DIRTY": git["git.dirty"],
-            "CH11_DVC_HASHES": json.dumps(tracking.lock_hashes(lock), sort_keys=True)}
+            "CH11_DVC_HASHES": json.dumps(inputs, sort_keys=True)}
+
+
+PLACEHOLDER_REGISTRY = "ghcr.io/your-org/"
+MIN_BACKEND = (2, 5, 0)  # Kubeflow Pipelines backend: dsl.Collected of artifacts (the report's fan-in) since 2.5.0
+
+
+def images_of(kf, image: str | None = None, gpu_image: str | None = None, registry_: str | None = None,
+              tag: str | None = None, images_file: str | None = None) -> tuple[str, str]:
+    """The CPU and GPU images: an images file written by `make image-push` (pinned by digest), else
+    --registry/--tag, else --image/--gpu-image, else params (kubeflow.image / gpu_image)."""
+    if images_file:
+        pinned = json.loads(Path(images_file).read_text())
+        return pinned["image"], pinned["gpu_image"]
+    if registry_ or tag:
+        repo = f"{(registry_ or PLACEHOLDER_REGISTRY).rstrip('/')}/ch11-pipeline"
+        tag = tag or "latest"
+        return image or f"{repo}:{tag}", gpu_image or f"{repo}:{tag}-gpu"
+    return image or kf.image, gpu_image or kf.gpu_image
+
+
+def warn_if_placeholder(*images: str) -> None:
+    bad = [i for i in images if i.startswith(PLACEHOLDER_REGISTRY)]
+    if bad:
+        print(f"WARNING: the images are the placeholder {', '.join(bad)}: on a cluster every pod would stay in "
+              "ImagePullBackOff. Build and push yours (make image image-gpu image-push REGISTRY=registry.example.com/team), "
+              "then compile with --images build/images.json (pinned by digest) or --registry REG --tag TAG.",
+              file=sys.stderr)
 
 
 def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | None = None,
@@ -179,42 +171,54 @@ def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | Non
 
     ``local``: for kfp.local (no Kubernetes settings; GPU tasks may run on CPU).
     """
+    from components import tracking
+
     params = validate_params(raw)
     kf = params.kubeflow
     image, gpu_image = image or kf.image, gpu_image or kf.gpu_image
     resolved = resolve_defaults(raw)
     for section in ("defaults", "kubeflow"):  # merged into each experiment / compile-time only
         resolved.pop(section, None)
-    comps = {name: dsl.component(fn, base_image=gpu_image if registry.get(name).gpu else image,
-                                 install_kfp_package=False) for name, fn in FUNCTIONS.items()}
-    missing = {s.name for s in registry.STEPS} - set(comps)
-    if missing:
-        raise LookupError(f"registry steps without a Kubeflow component in pipeline.py: {', '.join(sorted(missing))}")
-    lineage = lineage_env()
+    comps = {s.name: dsl.component(component_function(s), base_image=gpu_image if s.gpu else image,
+                                   install_kfp_package=False) for s in registry.STEPS}
+    hashes, git = tracking.lock_hashes(ROOT / "dvc.lock"), tracking.git_state()
 
     def task_yaml(step: registry.Step, item: str | None = None) -> str:
         import yaml
 
-        return yaml.safe_dump(registry.task_params(resolved, step, item), sort_keys=True)
+        task_params = registry.task_params(resolved, step, item)
+        if step.name == "download" and kf.data_volume.pvc and not local:  # the claim first, then the public mirrors
+            task_params["data"]["mirrors"] = [kf.data_volume.mount_path, *task_params["data"]["mirrors"]]
+        return yaml.safe_dump(task_params, sort_keys=True)
 
     def configure(task: dsl.PipelineTask, step: registry.Step) -> None:
         task.set_caching_options(kf.caching)
-        for k, v in lineage.items():
+        for k, v in lineage_env(step, hashes, git).items():
             task.set_env_variable(k, v)
         if local:
             return
+        task.set_env_variable("CH11_RUNTIME_PROFILE", "cluster")  # TensorFlow's defaults, threads from the CPU limit
         r = kf.retry
         task.set_retry(r.num_retries, backoff_duration=f"{r.backoff_seconds}s", backoff_factor=r.backoff_factor,
                        backoff_max_duration=f"{r.backoff_max_seconds}s")
         kubernetes.use_field_path_as_env(task, env_name=kfp_step.RUN_ID_ENV, field_path="metadata.labels['pipeline/runid']")
         s = kf.mlflow_secret
         kubernetes.use_secret_as_env(task, secret_name=s.name, secret_key_to_env=s.keys, optional=s.optional)
+        if s.optional_keys:
+            kubernetes.use_secret_as_env(task, secret_name=s.name, secret_key_to_env=s.optional_keys, optional=True)
+        if kf.image_pull_secrets:
+            kubernetes.set_image_pull_secrets(task, list(kf.image_pull_secrets))
         res = kf.gpu.resources if step.gpu else kf.cpu_resources
         task.set_cpu_request(res.cpu).set_memory_request(res.memory)
+        task.set_cpu_limit(res.cpu_limit).set_memory_limit(res.memory_limit)
+        kubernetes.set_timeout(task, res.timeout_seconds)
+        if step.name == "download" and kf.data_volume.pvc:
+            kubernetes.mount_pvc(task, pvc_name=kf.data_volume.pvc, mount_path=kf.data_volume.mount_path,
+                                 sub_path=kf.data_volume.sub_path)
         if step.gpu:
             task.set_accelerator_type(kf.gpu.accelerator).set_accelerator_limit(kf.gpu.count)
             task.set_env_variable(kfp_step.GPU_ENV, "1" if kf.gpu.required else "0")
-            for key, value in kf.gpu.node_selector.items():
+            for key, value in kf.gpu.selector().items():
                 kubernetes.add_node_selector(task, label_key=key, label_value=value)
             for t in kf.gpu.tolerations:
                 kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
@@ -224,10 +228,13 @@ def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | Non
 
     @dsl.pipeline(name=kf.pipeline_name, description="Géron, Hands-On ML ch. 11: every experiment of 'Training Deep "
                   "Neural Networks' on Fashion-MNIST (same steps as dvc.yaml)")
-    def ch11_pipeline(data_version: str = data_version_of(params=params)):
+    def ch11_pipeline(data_version: str = data_version_of(params=params), seed: int = params.seed,
+                      transfer_seeds: List[int] = list(params.transfer.seeds) if params.transfer else []):
+        runtime_values = {"seed": seed, "transfer.seeds": transfer_seeds}
         tasks: dict[str, dsl.PipelineTask] = {}
         for step in registry.STEPS:
-            args: dict[str, Any] = {}
+            args: dict[str, Any] = {RUNTIME_PARAMETERS[k].split(":")[0]: v
+                                    for k, v in runtime_values.items() if k in step.params}
             for kw, path in step.inputs.items():
                 src, out, fan_in = source_of(path)
                 channel = tasks[src.name].outputs[out]
@@ -261,9 +268,22 @@ def compile_pipeline(raw: dict[str, Any], output: Path, **kw: Any) -> Path:
     return output
 
 
+def _images(args: argparse.Namespace, raw: dict[str, Any]) -> dict[str, str]:
+    kf = validate_params(raw).kubeflow
+    image, gpu_image = images_of(kf, args.image, args.gpu_image, args.registry, args.tag, args.images)
+    warn_if_placeholder(image, gpu_image)
+    return {"image": image, "gpu_image": gpu_image}
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
-    out = compile_pipeline(_params(args), Path(args.output), image=args.image, gpu_image=args.gpu_image)
+    raw = _params(args)
+    out = compile_pipeline(raw, Path(args.output), **_images(args, raw))
     print(f"compiled {out} (upload it in the Kubeflow UI, or: python pipeline.py submit --host URL)")
+    return 0
+
+
+def cmd_components(args: argparse.Namespace) -> int:
+    print("\n\n".join(component_source(s) for s in registry.STEPS), end="")
     return 0
 
 
@@ -284,33 +304,89 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_host(host: str, timeout: float = 10.0) -> None:
-    """The KFP API must answer within seconds; otherwise say so clearly (no long hang)."""
+def auth_of(args: argparse.Namespace) -> dict[str, Any]:
+    """kfp.Client's credentials: a bearer token (--token, --token-file, or the file $KF_PIPELINES_SA_TOKEN_PATH
+    names, as a ServiceAccount token projected into a notebook pod), session cookies, and a CA bundle."""
+    token = args.token
+    token_file = args.token_file or os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
+    if not token and token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as err:
+            raise SystemExit(f"submit: cannot read the token file {token_file}: {err.strerror}. Nothing was submitted.") from None
+    if args.ca_bundle and not Path(args.ca_bundle).is_file():
+        raise SystemExit(f"submit: --ca-bundle {args.ca_bundle} is not a file. Nothing was submitted.")
+    return {"existing_token": token or None, "cookies": args.cookies or None, "ssl_ca_cert": args.ca_bundle or None}
+
+
+def _version(text: str) -> tuple[int, ...] | None:
+    import re
+
+    m = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", text or "")
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
+def check_host(host: str, auth: dict[str, Any] | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """The KFP API must answer within seconds, as the API (not a login page), and be recent enough; otherwise
+    say so clearly (no long hang). Returns the health answer (its tag_name is the backend version)."""
+    import ssl
+
+    auth = auth or {}
     url = host.rstrip("/") + "/apis/v2beta1/healthz"
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if auth.get("existing_token"):
+        req.add_header("Authorization", f"Bearer {auth['existing_token']}")
+    if auth.get("cookies"):
+        req.add_header("Cookie", auth["cookies"])
+    ctx = ssl.create_default_context(cafile=auth["ssl_ca_cert"]) if auth.get("ssl_ca_cert") else None
+    login = ("submit: {host} answered with a login page ({where}), not the Kubeflow Pipelines API: the cluster is "
+             "behind Kubeflow's login (Dex / oauth2-proxy). Pass --token-file (a ServiceAccount token; in a Kubeflow "
+             "notebook $KF_PIPELINES_SA_TOKEN_PATH is used), --token, or --cookies 'authservice_session=...' from "
+             "your browser. Nothing was submitted.")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - the user's own cluster
-            r.read()
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:  # noqa: S310 - the user's own cluster
+            body, final, ctype = r.read(), r.geturl(), r.headers.get("Content-Type", "")
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
-            return  # behind auth: the client's credentials take it from here
+            raise SystemExit(f"submit: the Kubeflow Pipelines API at {host} refused the credentials ({err.code}). "
+                             "Pass --token-file / --token (a ServiceAccount token with access to your profile "
+                             "namespace) or --cookies, and --namespace. Nothing was submitted.") from None
         raise SystemExit(f"submit: the Kubeflow Pipelines API at {host} answered {err.code} on {url}; "
                          "is --host the KFP endpoint (e.g. http://localhost:8080 after `kubectl port-forward "
                          "-n kubeflow svc/ml-pipeline-ui 8080:80`)?") from None
     except (urllib.error.URLError, OSError) as err:
         raise SystemExit(f"submit: cannot reach the Kubeflow Pipelines API at {host} ({getattr(err, 'reason', err)}). "
                          "Check --host, your VPN / port-forward (kubectl port-forward -n kubeflow svc/ml-pipeline-ui "
-                         "8080:80), then retry. Nothing was submitted.") from None
+                         "8080:80), --ca-bundle for a private CA, then retry. Nothing was submitted.") from None
+    if final.rstrip("/") != url.rstrip("/") or "html" in ctype:
+        raise SystemExit(login.format(host=host, where=final))
+    try:
+        health = json.loads(body or b"{}")
+    except ValueError:
+        raise SystemExit(login.format(host=host, where=f"{ctype or 'not JSON'} at {final}")) from None
+    version = _version(str(health.get("tag_name", "")))
+    if version and version < MIN_BACKEND:
+        need = ".".join(map(str, MIN_BACKEND))
+        raise SystemExit(f"submit: the Kubeflow Pipelines backend at {host} is {health['tag_name']}; this pipeline "
+                         f"needs {need} or later (the report collects the experiments' artifacts with dsl.Collected "
+                         "across a ParallelFor). Upgrade Kubeflow Pipelines. Nothing was submitted.")
+    return health
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     import kfp
 
     raw = _params(args)
-    check_host(args.host)
-    out = compile_pipeline(raw, Path(args.output), image=args.image, gpu_image=args.gpu_image)
-    client = kfp.Client(host=args.host, namespace=args.namespace)
+    auth = auth_of(args)
+    health = check_host(args.host, auth)
+    if not _version(str(health.get("tag_name", ""))):
+        print(f"submit: the backend did not say its version; it must be {'.'.join(map(str, MIN_BACKEND))} or later",
+              file=sys.stderr)
+    out = compile_pipeline(raw, Path(args.output), **_images(args, raw))
+    client = kfp.Client(host=args.host, namespace=args.namespace, **auth)
     run_name = args.run_name or f"ch11 {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    result = client.create_run_from_pipeline_package(str(out), arguments={}, run_name=run_name,
+    arguments = json.loads(args.arguments) if args.arguments else {}
+    result = client.create_run_from_pipeline_package(str(out), arguments=arguments, run_name=run_name,
                                                      experiment_name=args.experiment, namespace=args.namespace)
     print(f"submitted run {result.run_id} ({run_name}) to {args.host}, experiment {args.experiment!r}")
     print(f"  in MLflow: the parent run tagged ch11.pipeline_run = kfp-{result.run_id}")
@@ -333,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a param, e.g. -S experiments.elu.train.epochs=3 (as in dvc exp run -S)")
 
     def images(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--images", default=None, metavar="FILE",
+                       help="images pinned by digest, as `make image-push` writes them (build/images.json)")
+        p.add_argument("--registry", default=None, help="REGISTRY/ch11-pipeline:TAG and :TAG-gpu (with --tag)")
+        p.add_argument("--tag", default=None, help="image tag (with --registry)")
         p.add_argument("--image", default=None, help="CPU image for data/report tasks (default: kubeflow.image)")
         p.add_argument("--gpu-image", default=None, help="GPU image for training tasks (default: kubeflow.gpu_image)")
         p.add_argument("-o", "--output", default="pipeline.yaml", help="where the compiled YAML goes (default: pipeline.yaml)")
@@ -341,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     common(c)
     images(c)
     c.set_defaults(func=cmd_compile)
+    sub.add_parser("components", help="print the Python source of every component (made from the registry)"
+                   ).set_defaults(func=cmd_components)
     r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local (subprocesses, CPU)")
     common(r)
     r.add_argument("--pipeline-root", default="local_outputs", help="where kfp.local keeps the artifacts")
@@ -351,6 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     s.add_argument("--experiment", default="ch11-training-deep-nets", help="KFP experiment name")
     s.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user clusters)")
+    a = s.add_argument_group("authentication (multi-user Kubeflow)")
+    a.add_argument("--token", default=None, help="bearer token for the KFP API (prefer --token-file)")
+    a.add_argument("--token-file", default=None,
+                   help="file holding a ServiceAccount token (default: $KF_PIPELINES_SA_TOKEN_PATH, set in Kubeflow notebooks)")
+    a.add_argument("--cookies", default=None, help="session cookies from a logged-in browser, e.g. 'authservice_session=...'")
+    a.add_argument("--ca-bundle", default=None, help="CA certificates (PEM) for a cluster with a private CA")
+    s.add_argument("--arguments", default=None, metavar="JSON",
+                   help='run-time pipeline parameters, e.g. \'{"seed": 7, "transfer_seeds": [1, 2, 3]}\'')
     s.add_argument("--run-name", default=None)
     s.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded")
     s.add_argument("--timeout", type=int, default=24 * 3600, help="seconds --wait waits (default: a day)")

@@ -456,9 +456,29 @@ class Toleration(Strict):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
 
 
+_CPU = r"^[0-9]+(\.[0-9]+)?m?$"
+_MEMORY = r"^[0-9]+(\.[0-9]+)?(K|M|G|T|Ki|Mi|Gi|Ti)?$"
+
+
 class Resources(Strict):
-    cpu: str = Field("1", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request, e.g. '2' or '500m'")
-    memory: str = Field("4G", pattern=r"^[0-9]+(\.[0-9]+)?(K|M|G|T|Ki|Mi|Gi|Ti)?$", description="memory request")
+    """Requests and limits of one kind of task (a profile namespace with a ResourceQuota rejects pods without
+    both), and how long one try of such a task may run before Kubernetes stops it."""
+
+    cpu: str = Field("1", pattern=_CPU, description="CPU request, e.g. '2' or '500m'")
+    memory: str = Field("4G", pattern=_MEMORY, description="memory request")
+    cpu_limit: str = Field("2", pattern=_CPU, description="CPU limit; the task's TensorFlow threads follow it")
+    memory_limit: str = Field("4G", pattern=_MEMORY, description="memory limit (the pod is OOM-killed above it)")
+    timeout_seconds: int = Field(3600, gt=0, description="one try of the task, at most (kubernetes.set_timeout)")
+
+
+# Where each managed Kubernetes puts its GPU nodes: the node selector and toleration of `kubeflow.gpu.preset`.
+# {type} is `kubeflow.gpu.type` (GKE: an accelerator such as nvidia-l4; EKS: an instance type such as g5.xlarge).
+GPU_PRESETS: dict[str, dict[str, Any]] = {
+    "nvidia-operator": {"node_selector": {"nvidia.com/gpu.present": "true"}},  # GPU feature discovery's label
+    "gke": {"node_selector": {"cloud.google.com/gke-accelerator": "{type}"}},
+    "eks": {"node_selector": {"node.kubernetes.io/instance-type": "{type}"}},
+    "none": {"node_selector": {}},
+}
 
 
 class Gpu(Strict):
@@ -467,9 +487,24 @@ class Gpu(Strict):
     required: bool = Field(True, description="a GPU task that sees no GPU fails at once (the request was dropped); false = run on CPU")
     accelerator: str = Field("nvidia.com/gpu", min_length=1, description="the extended resource requested")
     count: int = Field(1, ge=1)
-    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    preset: Literal["nvidia-operator", "gke", "eks", "none"] = Field(
+        "nvidia-operator", description="how GPU nodes are found: NVIDIA GPU operator's label, GKE's, EKS's, or none")
+    type: str | None = Field(None, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$",
+                             description="GKE: accelerator (nvidia-l4, nvidia-tesla-t4); EKS: instance type (g5.xlarge)")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="added to the preset's")
     tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration()])
-    resources: Resources = Resources(cpu="4", memory="16G")
+    resources: Resources = Resources(cpu="4", memory="16G", cpu_limit="4", memory_limit="16G", timeout_seconds=6 * 3600)
+
+    @model_validator(mode="after")
+    def _preset_type(self) -> "Gpu":
+        if self.preset in ("gke", "eks") and not self.type:
+            raise ValueError(f"gpu.preset {self.preset!r} needs gpu.type: "
+                             + ("a GKE accelerator, e.g. nvidia-l4" if self.preset == "gke" else "an EC2 instance type, e.g. g5.xlarge"))
+        return self
+
+    def selector(self) -> dict[str, str]:
+        preset = {k: v.format(type=self.type) for k, v in GPU_PRESETS[self.preset]["node_selector"].items()}
+        return {**preset, **self.node_selector}
 
 
 class Retry(Strict):
@@ -484,10 +519,14 @@ class MlflowSecret(Strict):
 
     name: str = Field("mlflow-tracking", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     keys: dict[str, str] = Field(
-        default_factory=lambda: {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
-                                 "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                                 "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
-        description="secret key -> environment variable",
+        default_factory=lambda: {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
+        description="secret key -> environment variable, each required (the pod does not start without it)",
+    )
+    optional_keys: dict[str, str] = Field(
+        default_factory=lambda: {k: k for k in (
+            "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",  # a server with auth
+            "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},  # its artifact store (S3, MinIO)
+        description="secret key -> environment variable, set only where the secret has the key",
     )
     optional: bool = Field(False, description="true: tasks start even when the secret is missing (local sqlite in the pod)")
 
@@ -502,12 +541,22 @@ class CheckpointVolume(Strict):
     mount_path: str = Field("/checkpoints", pattern=r"^/[^\s]*$", description="where the claim is mounted in the pod")
 
 
+class DataVolume(Strict):
+    """For clusters without internet egress: a claim that holds the four Fashion-MNIST files (the same names and
+    SHA-256 as `data.files`), mounted read-only on the download task and tried before the public mirrors."""
+
+    pvc: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="null = public mirrors only")
+    sub_path: str = Field("", pattern=r"^[^/\s][^\s]*$|^$", description="folder of the files inside the claim")
+    mount_path: str = Field("/mnt/ch11-data", pattern=r"^/[^\s]*$")
+
+
 class Kubeflow(Strict):
     """How pipeline.py compiles the steps for a Kubeflow cluster; never what is trained (DVC ignores it)."""
 
     pipeline_name: str = Field("ch11-training-deep-nets", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     image: str = Field("ghcr.io/your-org/ch11-pipeline:0.1.0", min_length=1, description="CPU image (Dockerfile, target cpu)")
     gpu_image: str = Field("ghcr.io/your-org/ch11-pipeline:0.1.0-gpu", min_length=1, description="GPU image (target gpu)")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="docker-registry secrets of a private registry")
     parallelism: int = Field(8, ge=1, description="foreach tasks (experiments, MC dropout) running at once")
     caching: bool = True
     cpu_resources: Resources = Resources()
@@ -515,6 +564,7 @@ class Kubeflow(Strict):
     retry: Retry = Retry()
     mlflow_secret: MlflowSecret = MlflowSecret()
     checkpoints: CheckpointVolume = CheckpointVolume()
+    data_volume: DataVolume = DataVolume()
 
 
 class Params(Strict):

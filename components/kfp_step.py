@@ -110,10 +110,26 @@ def checkpoints_on_volume(params_yaml: str) -> str:
     return yaml.safe_dump(raw, sort_keys=True)
 
 
-def run_step(step_name: str, params: str, data_version: str, **artifacts: Any) -> dict[str, Any]:
+def with_run_values(params_yaml: str, seed: int | None = None, transfer_seeds: list[int] | None = None) -> str:
+    """The task's params with the values of the run's pipeline parameters (set in the KFP UI at run time)."""
+    if seed is None and transfer_seeds is None:
+        return params_yaml
+    import yaml
+
+    raw = yaml.safe_load(params_yaml) or {}
+    if seed is not None:
+        raw["seed"] = int(seed)
+    if transfer_seeds is not None:
+        raw.setdefault("transfer", {})["seeds"] = [int(s) for s in transfer_seeds]
+    return yaml.safe_dump(raw, sort_keys=True)
+
+
+def run_step(step_name: str, params: str, data_version: str, seed: int | None = None,
+             transfer_seeds: list[int] | None = None, **artifacts: Any) -> dict[str, Any]:
     """Run registry step ``step_name`` on KFP artifacts with its params slice (YAML text); return its metrics.
 
-    ``data_version`` (the DVC hash of the raw data) is an input only so that KFP's cache key holds it.
+    ``data_version`` (the DVC hash of the raw data) is an input only so that KFP's cache key holds it;
+    ``seed`` / ``transfer_seeds``, where the step uses them, are the run's pipeline parameters.
     """
     from .config import load_params
     from .io import setup_logging, stop_on_sigterm
@@ -127,7 +143,7 @@ def run_step(step_name: str, params: str, data_version: str, **artifacts: Any) -
     set_context(step, data_version)
     with tempfile.TemporaryDirectory(prefix=f"ch11-{step_name}-") as tmp:
         params_file = Path(tmp) / "params.yaml"  # the task's params as a file: its hash tags the MLflow run
-        params_file.write_text(checkpoints_on_volume(params))
+        params_file.write_text(with_run_values(checkpoints_on_volume(params), seed, transfer_seeds))
         os.environ["PARAMS_FILE"] = str(params_file)
         p = load_params(params_file, schema=getattr(config, registry.pipeline_of(step_name).schema))
         item = None

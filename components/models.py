@@ -6,7 +6,6 @@ Every model takes raw pixels (0..255, flattened: 784 for Fashion-MNIST, 3072 for
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import keras

@@ -43,6 +43,21 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def container_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPUs this container may use (its cgroup's CPU quota, rounded up), or None when it has no limit."""
+    try:
+        if (cgroup / "cpu.max").is_file():  # cgroup v2: "<quota> <period>" or "max <period>"
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        else:  # cgroup v1
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1"):
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
 def configure(runtime: Runtime) -> None:
     """Threads, precision and determinism of this process's profile (``runtime.tuning``: ``local`` on this kind of
     box, ``cluster`` in a Kubeflow pod); must run before TensorFlow executes any op (once per process)."""
@@ -53,11 +68,13 @@ def configure(runtime: Runtime) -> None:
     import tensorflow as tf
 
     tuning = runtime.tuning
+    cpus = container_cpus()  # a pod's CPU limit: TensorFlow would otherwise size its pools by the node's cores
+    intra, inter = tuning.intra_op_threads or cpus, tuning.inter_op_threads or cpus
     try:
-        if tuning.intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(tuning.intra_op_threads)
-        if tuning.inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(tuning.inter_op_threads)
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError:  # TensorFlow already initialized: its thread pools are fixed now
         if tuning.intra_op_threads and tf.config.threading.get_intra_op_parallelism_threads() != tuning.intra_op_threads:
             log.warning("TensorFlow was initialized before the runtime settings could apply: intra-op threads = %s, "

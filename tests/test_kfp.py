@@ -55,14 +55,26 @@ def _artifact_args(fn) -> dict[str, str]:
 
 
 def test_one_component_per_registry_step_with_the_step_arguments():
-    assert set(pipeline.FUNCTIONS) == {s.name for s in registry.STEPS}
     for step in registry.STEPS:
-        args = _artifact_args(pipeline.FUNCTIONS[step.name])
+        fn = pipeline.component_function(step)
+        args = _artifact_args(fn)
         assert {k for k, v in args.items() if v == "in"} == set(step.inputs), step.name
         assert {k for k, v in args.items() if v == "out"} == set(step.outputs) | set(step.metrics) | set(step.plots), step.name
-        # the body calls the shared step function, nothing else
-        src = inspect.getsource(pipeline.FUNCTIONS[step.name])
-        assert f'run_step("{step.name}"' in src
+        # KFP ships the source: it must be retrievable, and the body calls the shared step function, nothing else
+        src = inspect.getsource(fn)
+        assert f"run_step({step.name!r}, **artifacts)" in src
+        assert src.count("\n") == 4, src
+
+
+def test_component_types_follow_what_the_producer_writes():
+    src = {s.name: pipeline.component_source(s) for s in registry.STEPS}
+    assert "model_path: Output[Model]" in src["experiment"]
+    assert "model_a_path: Input[Model]" in src["b_on_a"]
+    assert "models_dir: Input[List[Model]]" in src["mc_dropout"]  # a fan-in of the experiments' models
+    assert "experiments_dir: Input[List[Metrics]]" in src["report"]
+    assert "report_md: Output[Markdown]" in src["report"]
+    out = run([sys.executable, str(ROOT / "pipeline.py"), "components"], cwd=ROOT)
+    assert out.stdout.count("def ") == len(registry.STEPS)
 
 
 def _tasks(spec: dict) -> dict[str, dict]:
@@ -147,7 +159,8 @@ def test_compiled_dag_edges_are_the_dvc_deps(compiled):
 def test_gpu_tasks_request_gpus_and_every_task_has_retries_secrets_and_run_id(compiled):
     from components.config import load_params
 
-    kf = load_params(ROOT / "params.yaml").kubeflow
+    P = load_params(ROOT / "params.yaml")
+    kf = P.kubeflow
     execs = compiled["spec"]["deploymentSpec"]["executors"]
     platform = compiled["platform"]["executors"]
     tasks = _tasks(compiled["spec"])
@@ -159,8 +172,13 @@ def test_gpu_tasks_request_gpus_and_every_task_has_retries_secrets_and_run_id(co
         k8s = platform[task["executor"]]
         assert task["retryPolicy"]["maxRetryCount"] == kf.retry.num_retries
         assert task["cachingOptions"].get("enableCache") is True
-        assert [s["secretName"] for s in k8s["secretAsEnv"]] == [kf.mlflow_secret.name]
-        assert {e["envVar"] for e in k8s["secretAsEnv"][0]["keyToEnv"]} >= {"MLFLOW_TRACKING_URI"}
+        # one secret: the tracking URI required, credentials (server auth, S3 artifact store) only where present
+        required, optional = k8s["secretAsEnv"]
+        assert required["secretName"] == optional["secretName"] == kf.mlflow_secret.name
+        assert {e["envVar"] for e in required["keyToEnv"]} == {"MLFLOW_TRACKING_URI"} and not required["optional"]
+        assert {e["envVar"] for e in optional["keyToEnv"]} >= {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                                                "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                                "AWS_SECRET_ACCESS_KEY"} and optional["optional"]
         assert k8s["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']", "name": "KFP_RUN_ID"}]
         env = {e["name"]: e["value"] for e in container.get("env", [])}
         assert re.fullmatch(r"[0-9a-f]{40}|unknown", env["CH11_GIT_COMMIT"])
@@ -170,17 +188,35 @@ def test_gpu_tasks_request_gpus_and_every_task_has_retries_secrets_and_run_id(co
             assert container["image"] == kf.gpu_image
             acc = res["accelerator"]
             assert (acc["resourceType"], acc["resourceCount"]) == (kf.gpu.accelerator, str(kf.gpu.count))
-            assert k8s["nodeSelector"]["labels"] == kf.gpu.node_selector
+            assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}  # the NVIDIA GPU operator's
             assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
             assert env["CH11_REQUIRE_GPU"] == "1"
-            assert res["resourceCpuRequest"] == kf.gpu.resources.cpu
         else:
             assert container["image"] == kf.image
             assert "accelerator" not in res and "nodeSelector" not in k8s
-            assert res["resourceMemoryRequest"] == kf.cpu_resources.memory
+        # requests and limits on every task (a ResourceQuota rejects pods without them), and a timeout per try
+        want = kf.gpu.resources if step.name in gpu_steps else kf.cpu_resources
+        assert (res["resourceCpuRequest"], res["resourceMemoryRequest"]) == (want.cpu, want.memory)
+        assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == (want.cpu_limit, want.memory_limit)
+        assert int(k8s["activeDeadlineSeconds"]) == want.timeout_seconds
+        # the cluster profile (TensorFlow's defaults, threads from the CPU limit), never this box's tuning
+        assert env["CH11_RUNTIME_PROFILE"] == "cluster"
+        # lineage: only the DVC hashes of the task's own inputs, not the whole dvc.lock
+        hashes = json.loads(env["CH11_DVC_HASHES"])
+        assert set(hashes) <= set(step.inputs.values()) and len(env["CH11_DVC_HASHES"]) < 1024
     assert SECRET not in compiled["text"]
-    # the data version is a pipeline parameter, fed to every task (KFP's cache key)
-    assert "data_version" in compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+    # run-time pipeline parameters (the KFP UI's run form): the data version, fed to every task (KFP's cache key),
+    # and the seeds, fed to the tasks that use them
+    root = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+    assert {"data_version", "seed", "transfer_seeds"} <= set(root)
+    assert root["seed"]["defaultValue"] == P.seed and root["transfer_seeds"]["defaultValue"] == P.transfer.seeds
+    for name, task in tasks.items():
+        step = registry.get(name.replace("-", "_"))
+        fed = {k for k, v in task["inputs"]["parameters"].items() if "componentInputParameter" in v}
+        assert ("seed" in fed) == ("seed" in step.params), name
+        assert ("transfer_seeds" in fed) == ("transfer.seeds" in step.params), name
+    assert {"model_b", "b_on_a"} <= {n.replace("-", "_") for n, t in tasks.items()
+                                     if "transfer_seeds" in t["inputs"]["parameters"]}
 
 
 def test_the_checkpoint_volume_is_mounted_on_the_training_tasks_only(compiled, tmp_path):
@@ -202,6 +238,107 @@ def test_the_checkpoint_volume_is_mounted_on_the_training_tasks_only(compiled, t
             assert mounts == [] and "CH11_CHECKPOINT_VOLUME" not in env, name
     code = pipeline.main(["compile", "-o", str(tmp_path / "bad.yaml"), "-S", "kubeflow.checkpoints.mount_path=ckpt"])
     assert code == 2 and not (tmp_path / "bad.yaml").exists()
+
+
+def _compile(tmp_path: Path, *args: str) -> tuple[dict, dict]:
+    """Compile with these arguments: (the pipeline spec, the Kubernetes platform spec's executors)."""
+    out = tmp_path / f"p{len(list(tmp_path.glob('p*.yaml')))}.yaml"
+    assert pipeline.main(["compile", "-o", str(out), *args]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _images(spec: dict) -> dict[str, str]:
+    return {n: spec["deploymentSpec"]["executors"][t["executor"]]["container"]["image"] for n, t in _tasks(spec).items()}
+
+
+def test_images_by_registry_and_tag_or_pinned_by_digest_and_a_warning_for_the_placeholder(tmp_path, capsys):
+    gpu = {s.name.replace("_", "-") for s in registry.STEPS if s.gpu}
+    spec, _ = _compile(tmp_path)
+    assert "placeholder" in capsys.readouterr().err  # the default images cannot be pulled anywhere: say so
+    spec, _ = _compile(tmp_path, "--registry", "registry.example.com/team", "--tag", "1.2.0")
+    assert "placeholder" not in capsys.readouterr().err
+    for name, image in _images(spec).items():
+        assert image == "registry.example.com/team/ch11-pipeline:1.2.0" + ("-gpu" if name in gpu else ""), name
+    digest = "sha256:" + "ab" * 32
+    pinned = tmp_path / "images.json"  # what `make image-push` writes
+    pinned.write_text(json.dumps({"image": f"reg.example/ch11-pipeline@{digest}",
+                                  "gpu_image": f"reg.example/ch11-pipeline@sha256:{'cd' * 32}"}))
+    spec, _ = _compile(tmp_path, "--images", str(pinned))
+    for name, image in _images(spec).items():
+        assert image.startswith("reg.example/ch11-pipeline@sha256:") and (image.endswith("cd" * 32) == (name in gpu))
+
+
+def test_image_pull_secrets_on_every_task(compiled, tmp_path):
+    assert "imagePullSecret" not in compiled["text"]
+    spec, platform = _compile(tmp_path, "-S", "kubeflow.image_pull_secrets=[regcred]")
+    for name, task in _tasks(spec).items():
+        assert [s.get("secretName") for s in platform[task["executor"]]["imagePullSecret"]] == ["regcred"], name
+
+
+@pytest.mark.parametrize("preset, gpu_type, label", [
+    ("nvidia-operator", None, ("nvidia.com/gpu.present", "true")),
+    ("gke", "nvidia-l4", ("cloud.google.com/gke-accelerator", "nvidia-l4")),
+    ("eks", "g5.xlarge", ("node.kubernetes.io/instance-type", "g5.xlarge")),
+])
+def test_gpu_node_presets(tmp_path, preset, gpu_type, label):
+    args = ["-S", f"kubeflow.gpu.preset={preset}"] + (["-S", f"kubeflow.gpu.type={gpu_type}"] if gpu_type else [])
+    spec, platform = _compile(tmp_path, *args)
+    for name, task in _tasks(spec).items():
+        k8s = platform[task["executor"]]
+        if registry.get(name.replace("-", "_")).gpu:
+            assert k8s["nodeSelector"]["labels"] == dict([label]), name
+            assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu", name
+        else:
+            assert "nodeSelector" not in k8s and "tolerations" not in k8s, name
+
+
+def test_a_gpu_preset_without_its_type_is_named(tmp_path, capsys):
+    assert pipeline.main(["compile", "-o", str(tmp_path / "p.yaml"), "-S", "kubeflow.gpu.preset=gke"]) == 2
+    assert "gpu.type" in capsys.readouterr().err and not (tmp_path / "p.yaml").exists()
+
+
+def test_a_data_volume_for_clusters_without_egress(compiled, tmp_path):
+    spec, platform = _compile(tmp_path, "-S", "kubeflow.data_volume.pvc=fashion-mnist",
+                              "-S", "kubeflow.data_volume.sub_path=fmnist")
+    for name, task in _tasks(spec).items():
+        mounts = platform[task["executor"]].get("pvcMount", [])
+        if name == "download":  # the claim, read first; then the public mirrors
+            assert [(m["constant"], m["mountPath"], m.get("subPath")) for m in mounts] == [
+                ("fashion-mnist", "/mnt/ch11-data", "fmnist")]
+            mirrors = yaml.safe_load(_param_const(task))["data"]["mirrors"]
+            assert mirrors[0] == "/mnt/ch11-data" and any(m.startswith("http") for m in mirrors[1:])
+        else:
+            assert mounts == [], name
+
+
+def test_run_values_reach_the_step_params():
+    from components.kfp_step import with_run_values
+
+    text = yaml.safe_dump({"seed": 42, "transfer": {"seeds": [42, 43]}, "data": {"x": 1}})
+    assert with_run_values(text) == text
+    got = yaml.safe_load(with_run_values(text, seed=7, transfer_seeds=[1, 2, 3]))
+    assert got == {"seed": 7, "transfer": {"seeds": [1, 2, 3]}, "data": {"x": 1}}
+
+
+def test_threads_follow_the_containers_cpu_limit(tmp_path):
+    from components.train import container_cpus
+
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert container_cpus(tmp_path) is None  # no limit: TensorFlow's default
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert container_cpus(tmp_path) == 3  # 2.5 CPUs
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert container_cpus(v1) == 1
+    assert container_cpus(tmp_path / "missing") is None
+    code = ("from components import train\nfrom components.config import Runtime\nimport tensorflow as tf\n"
+            "train.container_cpus = lambda: 3\ntrain.configure(Runtime())\n"
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())")
+    proc = run([sys.executable, "-c", code], cwd=ROOT, CH11_RUNTIME_PROFILE="cluster")
+    assert proc.stdout.split()[-2:] == ["3", "3"]  # a pod limited to 3 CPUs: 3 threads, not the node's cores
 
 
 def test_a_retried_training_task_resumes_from_the_checkpoint_volume(tiny_ws, tmp_path, monkeypatch):
@@ -268,9 +405,31 @@ class _Recorder(BaseHTTPRequestHandler):
     """A stand-in KFP API on 127.0.0.1: records every request, answers like ml-pipeline does."""
 
     calls: list = []
+    version = "2.5.0"
+    token: str | None = None  # when set, the API wants this bearer token (a multi-user cluster)
+    login = False  # when set, every API call is redirected to a login page (Kubeflow's Dex / oauth2-proxy)
 
     def log_message(self, *a):  # quiet
         pass
+
+    def _gate(self) -> bool:
+        if self.login and not self.path.startswith("/dex"):
+            self.send_response(302)
+            self.send_header("Location", "/dex/auth?client_id=kubeflow-oidc-authservice")
+            self.end_headers()
+            return True
+        if self.path.startswith("/dex"):
+            page = b"<html><body>Log in to Your Account</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+            return True
+        if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
+            self._answer({"error": "unauthenticated"}, 401)
+            return True
+        return False
 
     def _answer(self, body: dict, code: int = 200) -> None:
         data = json.dumps(body).encode()
@@ -282,8 +441,10 @@ class _Recorder(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.calls.append(("GET", self.path, None))
+        if self._gate():
+            return None
         if self.path.startswith("/apis/v2beta1/healthz"):
-            return self._answer({"commit_sha": "test", "tag_name": "2.5.0", "multi_user": False})
+            return self._answer({"commit_sha": "test", "tag_name": self.version, "multi_user": bool(self.token)})
         if self.path.startswith("/apis/v2beta1/experiments"):
             return self._answer({"experiments": [], "total_size": 0})
         return self._answer({}, 404)
@@ -291,6 +452,8 @@ class _Recorder(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         self.calls.append(("POST", self.path, body))
+        if self._gate():
+            return None
         if self.path.startswith("/apis/v2beta1/experiments"):
             return self._answer({"experiment_id": "exp-1", "display_name": body.get("display_name")})
         if self.path.startswith("/apis/v2beta1/runs"):
@@ -318,6 +481,49 @@ def test_submit_sends_the_compiled_pipeline_to_the_kfp_api(tmp_path, capsys):
     assert spec["pipelineInfo"]["name"] == "ch11-training-deep-nets" and "root" in spec
     assert "nvidia.com/gpu.present" in json.dumps(platform)  # the platform spec (GPU, secret) travels with it
     assert "run-123" in capsys.readouterr().out
+
+
+@pytest.fixture()
+def kfp_api():
+    _Recorder.calls, _Recorder.version, _Recorder.token, _Recorder.login = [], "2.5.0", None, False
+    srv = ThreadingHTTPServer(("127.0.0.1", free_port()), _Recorder)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_submit_to_a_multi_user_cluster_with_a_token_file_and_run_parameters(kfp_api, tmp_path, monkeypatch):
+    _Recorder.token = "sa-token-123"
+    args = ["submit", "--host", kfp_api, "--namespace", "team-a", "-o", str(tmp_path / "p.yaml")]
+    with pytest.raises(SystemExit) as err:  # no credentials: refused, and the message says what to pass
+        pipeline.main(args)
+    assert "--token-file" in str(err.value) and "Nothing was submitted" in str(err.value)
+    token = tmp_path / "token"
+    token.write_text("sa-token-123\n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))  # as in a Kubeflow notebook pod
+    assert pipeline.main(args + ["--arguments", '{"seed": 7, "transfer_seeds": [1, 2]}']) == 0
+    run_body = next(b for m, p, b in _Recorder.calls if m == "POST" and p.startswith("/apis/v2beta1/runs"))
+    assert run_body["runtime_config"]["parameters"] == {"seed": 7, "transfer_seeds": [1, 2]}
+    with pytest.raises(SystemExit):  # a token file that is not there is named
+        pipeline.main(["submit", "--host", kfp_api, "--token-file", str(tmp_path / "nope"), "-o", str(tmp_path / "q.yaml")])
+
+
+def test_submit_detects_a_login_page_and_an_old_backend(kfp_api, tmp_path):
+    _Recorder.login = True
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["submit", "--host", kfp_api, "-o", str(tmp_path / "p.yaml")])
+    assert "login page" in str(err.value) and "--cookies" in str(err.value)
+    _Recorder.login, _Recorder.version = False, "2.0.5"
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["submit", "--host", kfp_api, "-o", str(tmp_path / "p.yaml")])
+    assert "2.0.5" in str(err.value) and "2.5.0 or later" in str(err.value)
+    assert not (tmp_path / "p.yaml").exists() and not any(m == "POST" for m, _, _ in _Recorder.calls)
+
+
+def test_submit_help_shows_the_auth_options():
+    out = run([sys.executable, str(ROOT / "pipeline.py"), "submit", "--help"], cwd=ROOT).stdout
+    for opt in ("--token", "--token-file", "KF_PIPELINES_SA_TOKEN_PATH", "--cookies", "--ca-bundle", "--namespace"):
+        assert opt in out, opt
 
 
 def test_submit_to_an_unreachable_host_fails_fast_and_clearly(tmp_path):
