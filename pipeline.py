@@ -315,10 +315,6 @@ def docker_runner(raw: dict[str, Any], image: str) -> Any:
             raise SystemExit(f"run-local --runner docker: image {image} is not here and cannot be pulled ({err}). "
                              "Build it with `make image` (`make image OFFLINE=1` without a registry), then pass "
                              "--image $(make -s image-name).") from None
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if urlparse(uri).scheme not in ("http", "https"):
-        raise SystemExit(f"run-local --runner docker: the tasks log to an MLflow server, and MLFLOW_TRACKING_URI is "
-                         f"{uri or 'not set'}. Start one (`make mlflow-ui`) and set MLFLOW_TRACKING_URI=http://127.0.0.1:5000.")
     local_dirs: list[str] = []  # the mirrors that are folders here (absolute: cmd_run_local checked)
     for m in validate_params(raw).data.mirrors:
         path = urlparse(m).path if m.startswith("file://") else None if "://" in m else m
@@ -342,6 +338,12 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     raw.setdefault("kubeflow", {}).setdefault("gpu", {})["required"] = False  # kfp.local ignores GPU requests
     os.environ.setdefault("CH11_PIPELINE_RUN", f"kfp-local-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     if args.runner == "docker":
+        from urllib.parse import urlparse
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if urlparse(uri).scheme not in ("http", "https"):
+            raise SystemExit(f"run-local --runner docker: the tasks log to an MLflow server, and MLFLOW_TRACKING_URI is "
+                             f"{uri or 'not set'}. Start one (`make mlflow-ui`) and set MLFLOW_TRACKING_URI=http://127.0.0.1:5000.")
         for m in validate_params(raw).data.mirrors:  # a relative mirror means nothing in the container
             if "://" not in m and not Path(m).is_absolute():
                 raise SystemExit(f"run-local --runner docker: data mirror {m!r} is a relative path; give it as an "

@@ -2,7 +2,8 @@
 
 TensorFlow's build info must name CUDA and cuDNN, and the CUDA libraries TensorFlow loads at start
 (the nvidia-* wheels of requirements-gpu.lock) must load with the dynamic linker. Prints what it found;
-exits 1 with the reason when something is missing. Whether a GPU is visible is reported, not required.
+exits 1 with the reason when something is missing. Whether a GPU is visible is reported, not required, and so
+is a library that needs only the driver's libcuda.so.1 (the GPU node provides it to the container).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def main() -> int:
         problems.append("TensorFlow's build info names no CUDA / cuDNN: this is a CPU-only TensorFlow")
     import nvidia  # the namespace package of the nvidia-* wheels
 
+    driver_only: list[str] = []
     roots = [p for r in nvidia.__path__ for p in glob.glob(os.path.join(r, "*", "lib"))]
     for name in LIBS:
         found = sorted(p for root in roots for p in glob.glob(os.path.join(root, f"lib{name}[._]*so*")))
@@ -37,7 +39,11 @@ def main() -> int:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # its own dependencies must resolve too
                 print(f"loaded {path}")
             except OSError as err:
-                problems.append(f"{os.path.basename(path)} does not load: {err}")
+                if "libcuda.so.1" in str(err):  # the driver, mounted into the pod on a GPU node: absent here is right
+                    print(f"needs the driver (libcuda.so.1, from the GPU node): {path}")
+                    driver_only.append(os.path.basename(path))
+                else:
+                    problems.append(f"{os.path.basename(path)} does not load: {err}")
     print(f"GPUs visible: {len(tf.config.list_physical_devices('GPU'))} (none is fine for this check)")
     if problems:
         print("GPU image check FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
