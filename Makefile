@@ -14,7 +14,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup dataset browser repro test lock dvc-yaml mlflow-ui benchmark cifar10 \
-        docker-daemon base-image wheelhouse image image-gpu image-name gpu-check
+        docker-daemon base-image wheelhouse image image-gpu image-name image-push gpu-check
 
 setup: $(VENV)/.installed
 
@@ -160,6 +160,21 @@ image: docker-daemon $(if $(filter 1,$(OFFLINE)),base-image wheelhouse/requireme
 
 image-gpu: docker-daemon $(if $(filter 1,$(OFFLINE)),base-image wheelhouse/requirements-gpu/.done)
 	$(call build_image,$(GPU_IMAGE),requirements-gpu.lock)
+
+# Push both images to REGISTRY (docker login first), then write build/images.json with them pinned by digest:
+# `python pipeline.py compile --images build/images.json` puts exactly these bytes on the cluster.
+REGISTRY ?=
+image-push: image image-gpu
+	@[ -n "$(REGISTRY)" ] || { echo "==> set the registry: make image-push REGISTRY=registry.example.com/team"; exit 1; }
+	@set -e; mkdir -p build; out=""; \
+	for pair in image=$(IMAGE) gpu_image=$(GPU_IMAGE); do \
+	  key=$${pair%%=*}; local=$${pair#*=}; remote=$(REGISTRY:%/=%)/$${local##*/}; \
+	  docker tag $$local $$remote; docker push -q $$remote >/dev/null; \
+	  digest=$$(docker image inspect -f '{{range .RepoDigests}}{{println .}}{{end}}' $$remote | grep "^$${remote%:*}@" | head -1); \
+	  [ -n "$$digest" ] || { echo "==> no digest for $$remote after the push"; exit 1; }; \
+	  echo "==> pushed $$remote: $$digest"; out="$$out\"$$key\": \"$$digest\", "; done; \
+	echo "{$${out%, }}" > build/.images.json.tmp && mv build/.images.json.tmp build/images.json; \
+	echo "==> build/images.json: compile with python pipeline.py compile --images build/images.json"
 
 # The GPU image checked without a GPU: TensorFlow's build info names CUDA and cuDNN, and their libraries load.
 gpu-check: image-gpu
