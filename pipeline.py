@@ -2,6 +2,7 @@
 
     python pipeline.py compile [-o pipeline.yaml] [-S key=value ...]   # the YAML a Kubeflow 2.x cluster runs
     python pipeline.py run-local [-S key=value ...]                    # the whole pipeline here, kfp.local
+    python pipeline.py run-local --runner docker --image IMAGE         # ... each task in the task image
     python pipeline.py submit --host URL [--experiment NAME] [--wait]  # compile and start a run on a cluster
 
 One registry, one schema: each component below is the Kubeflow edge of one step of
@@ -287,17 +288,76 @@ def cmd_components(args: argparse.Namespace) -> int:
     return 0
 
 
+def docker_runner(raw: dict[str, Any], image: str) -> Any:
+    """kfp.local's DockerRunner for `run-local --runner docker`: every task in ``image`` (which must be here or
+    pullable), on the host's network (so an MLflow server on 127.0.0.1 is reachable), with the MLflow settings and
+    pipeline run name of this shell, the local data mirrors mounted read-only at their own paths, and outputs
+    owned by the caller. Anything missing stops here with what to do, before a task starts."""
+    from urllib.parse import urlparse
+
+    from kfp import local
+
+    try:
+        import docker
+        from docker.types import Mount
+
+        client = docker.from_env()
+        client.ping()
+    except Exception as err:  # noqa: BLE001 - no SDK, no socket, no daemon: all the same to the user
+        raise SystemExit(f"run-local --runner docker: Docker is not reachable ({err}). Start the daemon (as root: "
+                         "`make docker-daemon`; or `sudo systemctl start docker`), or use --runner subprocess.") from None
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        try:
+            client.images.pull(image)
+        except Exception as err:  # noqa: BLE001
+            raise SystemExit(f"run-local --runner docker: image {image} is not here and cannot be pulled ({err}). "
+                             "Build it with `make image` (`make image OFFLINE=1` without a registry), then pass "
+                             "--image $(make -s image-name).") from None
+    local_dirs: list[str] = []  # the mirrors that are folders here (absolute: cmd_run_local checked)
+    for m in validate_params(raw).data.mirrors:
+        path = urlparse(m).path if m.startswith("file://") else None if "://" in m else m
+        if path and Path(path).is_dir() and path not in local_dirs:
+            local_dirs.append(path)
+    mounts = [Mount(target=d, source=d, type="bind", read_only=True) for d in local_dirs]
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    env["CH11_PIPELINE_RUN"] = os.environ["CH11_PIPELINE_RUN"]
+    kw: dict[str, Any] = {}
+    if os.getuid() != 0:  # files in the pipeline root owned by the caller; a HOME that user can write
+        kw["user"], env["HOME"] = f"{os.getuid()}:{os.getgid()}", "/tmp"
+    return local.DockerRunner(network_mode="host", mounts=mounts, environment=env, **kw)
+
+
 def cmd_run_local(args: argparse.Namespace) -> int:
-    """The whole pipeline in local subprocesses (kfp.local): each task runs its component body as a pod would."""
+    """The whole pipeline here with kfp.local: each task runs its component body as a pod would, in a subprocess
+    of this venv or (``--runner docker``) in a container of the task image."""
     from kfp import local
 
     raw = _params(args)
     raw.setdefault("kubeflow", {}).setdefault("gpu", {})["required"] = False  # kfp.local ignores GPU requests
     os.environ.setdefault("CH11_PIPELINE_RUN", f"kfp-local-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-    pipeline_func = build_pipeline(raw, local=True)
+    if args.runner == "docker":
+        from urllib.parse import urlparse
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if urlparse(uri).scheme not in ("http", "https"):
+            raise SystemExit(f"run-local --runner docker: the tasks log to an MLflow server, and MLFLOW_TRACKING_URI is "
+                             f"{uri or 'not set'}. Start one (`make mlflow-ui`) and set MLFLOW_TRACKING_URI=http://127.0.0.1:5000.")
+        for m in validate_params(raw).data.mirrors:  # a relative mirror means nothing in the container
+            if "://" not in m and not Path(m).is_absolute():
+                raise SystemExit(f"run-local --runner docker: data mirror {m!r} is a relative path; give it as an "
+                                 f"absolute one (-S 'data.mirrors=[\"{Path(m).resolve()}\"]').")
+        image = args.image or validate_params(raw).kubeflow.image
+        runner = docker_runner(raw, image)
+        pipeline_func = build_pipeline(raw, local=True, image=image, gpu_image=image)  # CPU here: one image
+    else:
+        runner = local.SubprocessRunner(use_venv=False)
+        pipeline_func = build_pipeline(raw, local=True)
     root = Path(args.pipeline_root).resolve()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    print(f"[run-local] pipeline run {os.environ['CH11_PIPELINE_RUN']}; artifacts under {root}", file=sys.stderr)
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
+    print(f"[run-local] pipeline run {os.environ['CH11_PIPELINE_RUN']} ({args.runner}); artifacts under {root}",
+          file=sys.stderr)
     pipeline_func()
     print(f"[run-local] done: artifacts under {root}; MLflow parent run tag ch11.pipeline_run = "
           f"{os.environ['CH11_PIPELINE_RUN']}", file=sys.stderr)
@@ -423,9 +483,16 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=cmd_compile)
     sub.add_parser("components", help="print the Python source of every component (made from the registry)"
                    ).set_defaults(func=cmd_components)
-    r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local (subprocesses, CPU)")
+    r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local (CPU; subprocesses or containers)")
     common(r)
     r.add_argument("--pipeline-root", default="local_outputs", help="where kfp.local keeps the artifacts")
+    r.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                   help="subprocess: each task in a subprocess of this venv (default); docker: each task in a "
+                        "container of the task image (kfp.local.DockerRunner), logging to the MLflow server "
+                        "$MLFLOW_TRACKING_URI")
+    r.add_argument("--image", default=None,
+                   help="with --runner docker: the image every task runs in (default: kubeflow.image); "
+                        "`make -s image-name` names the one `make image` built")
     r.set_defaults(func=cmd_run_local)
     s = sub.add_parser("submit", help="compile, then start a run on a Kubeflow Pipelines cluster (kfp.Client)")
     common(s)

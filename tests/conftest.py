@@ -291,5 +291,12 @@ def chapter_repro(chapter_repo, mlflow_server):
 
 def pytest_collection_modifyitems(config, items):
     """The tiny chapter (the longest group, ~half the suite) goes first, so under xdist one worker starts it at
-    once while the other takes every other test."""
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+    once while the other takes every other test, starting with the task image's build (tests/test_docker.py),
+    which the chapter's worker needs at its end."""
+    order = {"chapter": 0, "docker-image": 1}
+
+    def key(item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        return 3 if group is None else order.get(group.args[0] if group.args else "", 2)
+
+    items.sort(key=key)

@@ -613,13 +613,3 @@ def test_run_local_logs_one_parent_run_with_every_step_as_a_child(both_runs, mlf
     exp_run = children["leaky_relu"]
     assert exp_run.data.tags["data.version"] and exp_run.data.tags["git.commit"] != "unknown"
     assert len(c.get_metric_history(exp_run.info.run_id, "val_accuracy")) == CHAPTER_EPOCHS  # one point per epoch
-
-
-def test_the_image_recipe_installs_the_lock_and_the_package():
-    text = (ROOT / "Dockerfile").read_text()
-    copies = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ")]
-    sources = [s for c in copies for s in c]
-    assert "requirements.lock" in sources and "components/" in sources and "pipeline.py" in sources
-    for s in sources:
-        assert (ROOT / s).exists(), f"Dockerfile copies {s}, which is not in the repository"
-    assert "pip install -r requirements.lock" in text and "pip install --no-deps ." in text
