@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from .conftest import ROOT, run
-from .test_kfp import _kfp_metrics, _results
+from .test_kfp import _kfp_metrics, _results, one_parent_and_its_children
 
 sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402
@@ -185,16 +185,8 @@ def test_run_local_in_docker_gives_the_numbers_of_dvc_repro(docker_run, cpu_imag
 @pytest.mark.slow
 @pytest.mark.xdist_group("chapter")
 def test_run_local_in_docker_logs_one_parent_run_with_every_step_as_a_child(docker_run, mlflow_server):
-    from mlflow import MlflowClient
-
-    c = MlflowClient(mlflow_server)
-    exp = c.get_experiment_by_name("ch11-training-deep-nets")
-    runs = c.search_runs([exp.experiment_id], filter_string="tags.`ch11.pipeline_run` = 'kfp-docker-side'", max_results=500)
-    parents = [r for r in runs if r.data.tags["ch11.step"] == "pipeline"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    logged = {s.name for s in pipeline.registry.STEPS} - {"selu_simulation"}  # a numpy simulation, no MLflow run
-    assert {r.data.tags["ch11.step"] for r in children} == logged
+    children = one_parent_and_its_children(mlflow_server, "kfp-docker-side")
+    assert {r.data.tags["ch11.step"] for r in children} == {s.name for s in pipeline.registry.STEPS}
     assert all(r.info.status == "FINISHED" for r in children)
     exp_run = next(r for r in children if r.data.tags["mlflow.runName"] == "dropout")
     assert exp_run.data.tags["data.version"] and exp_run.data.tags["git.commit"] != "unknown"

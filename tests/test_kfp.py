@@ -600,15 +600,23 @@ def test_run_local_gives_the_numbers_of_dvc_repro(both_runs):
 
 
 @pytest.mark.xdist_group("chapter")  # same worker as tests/test_pipeline.py: shares the tiny chapter
-def test_run_local_logs_one_parent_run_with_every_step_as_a_child(both_runs, mlflow_server):
+def one_parent_and_its_children(mlflow_server: str, key: str) -> list:
+    """The child runs of the one FINISHED parent run of pipeline execution ``key`` (asserting there is one)."""
     from mlflow import MlflowClient
 
     c = MlflowClient(mlflow_server)
     exp = c.get_experiment_by_name("ch11-training-deep-nets")
-    runs = c.search_runs([exp.experiment_id], filter_string="tags.`ch11.pipeline_run` = 'kfp-local-side'", max_results=500)
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`ch11.pipeline_run` = '{key}'", max_results=500)
     parents = [r for r in runs if r.data.tags["ch11.step"] == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+
+
+def test_run_local_logs_one_parent_run_with_every_step_as_a_child(both_runs, mlflow_server):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(mlflow_server)
+    children = {r.data.tags["mlflow.runName"]: r for r in one_parent_and_its_children(mlflow_server, "kfp-local-side")}
     assert {"download", "split", "standardize", "model_a", "report", *KEEP, "mc_dropout dropout"} <= set(children)
     exp_run = children["leaky_relu"]
     assert exp_run.data.tags["data.version"] and exp_run.data.tags["git.commit"] != "unknown"
