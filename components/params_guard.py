@@ -53,7 +53,7 @@ def exp_run_overrides(params_name: str = "params.yaml") -> list[str] | None:
     me = psutil.Process()
     candidates = [_exp_run_argv(p) for p in me.parents()]
     found = [a for a in candidates if a is not None]
-    if not found:  # not a descendant (e.g. forked by tools/warm.py's stage server): the one exp run in this repo
+    if not found:  # not a descendant (e.g. forked by a long-lived stage server): the one exp run in this repo
         root = os.path.realpath(os.environ.get("DVC_ROOT", os.getcwd()))
         for p in psutil.process_iter():
             argv = _exp_run_argv(p)

@@ -57,7 +57,7 @@ def test_the_image_locks_pin_what_the_dev_lock_pins_without_the_test_tools():
         assert not set(TEST_TOOLS) & set(lock), f"{name} lock has test/dev tools: {set(TEST_TOOLS) & set(lock)}"
     assert set(runtime) <= set(dev), f"runtime packages missing from the dev lock: {set(runtime) - set(dev)}"
     assert set(runtime) <= set(gpu) and gpu["tensorflow"] == runtime["tensorflow"]
-    cuda = {p for p in gpu if p.startswith("nvidia-")}  # CUDA and cuDNN as wheels: the GPU image has the CPU base
+    cuda = {p for p in gpu if re.fullmatch(r"nvidia-.+-cu\d+", p)}  # CUDA and cuDNN as wheels: the GPU image has the CPU base
     assert {"nvidia-cudnn-cu12", "nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12"} <= cuda and not cuda & set(runtime)
 
 
