@@ -238,17 +238,6 @@ def dvc_hashes(paths: list[str], lock: Path = Path("dvc.lock")) -> dict[str, str
     return {p: recorded[p] for p in paths if p in recorded}
 
 
-def dvc_remote() -> str:
-    cfg = Path(".dvc/config")
-    if not cfg.is_file():
-        return ""
-    text = cfg.read_text()
-    for line in text.splitlines():
-        if line.strip().startswith("url ="):
-            return line.split("=", 1)[1].strip()
-    return ""
-
-
 # ------------------------------------------------------------------------------------------ data inputs
 
 SPLIT_CONTEXT = {"train": "training", "valid": "validation", "test": "test"}  # mlflow.data.context of each split
