@@ -13,7 +13,7 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup dataset browser plots-js plots repro test lock dvc-yaml mlflow-ui benchmark cifar10 \
+.PHONY: setup dataset browser plots-js plots repro claims test lock dvc-yaml mlflow-ui benchmark cifar10 \
         docker-daemon base-image wheelhouse image image-gpu image-name image-push gpu-check
 
 setup: $(VENV)/.installed
@@ -67,6 +67,12 @@ repro: setup dataset
 	@echo "==> done. Report: $(CURDIR)/reports/report.md (figures in reports/figures/);"
 	@echo "    metrics: dvc metrics show; runs: make mlflow-ui, then http://127.0.0.1:5000"
 
+# The chapter's claims over seeds (claims/dvc.yaml): every experiment again with each of claims.seeds, paired with
+# the main job's run -> reports/claims.md. Runs the main job's stages first where they are out of date.
+claims: setup dataset
+	CH11_PIPELINE_RUN=$${CH11_PIPELINE_RUN:-claims-$$(date -u +%Y%m%dT%H%M%SZ)} python tools/warm.py run -- python tools/repro.py claims/dvc.yaml
+	@echo "==> done. Claims: $(CURDIR)/reports/claims.md (runs: make mlflow-ui, experiment ch11-training-deep-nets-claims)"
+
 test: setup dataset browser plots-js docker-daemon
 	pytest
 
@@ -87,6 +93,7 @@ benchmark: setup dataset
 dvc-yaml:
 	python -m components render-dvc > dvc.yaml
 	python -m components render-dvc cifar10 > cifar10/dvc.yaml
+	python -m components render-dvc claims > claims/dvc.yaml
 
 # Exercise 8 (CIFAR-10): a DVC project of its own in cifar10/ (never part of `make repro`); needs a network
 # for the download (or the tarball in cifar10/downloads/). Its runs join the MLflow store of `make mlflow-ui`.

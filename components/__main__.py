@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(s.name, help=s.description)
         if s.foreach:
             p.add_argument("name", help=f"which entry of '{s.foreach}' in params.yaml")
+        if s.seeds:
+            p.add_argument("--seed", type=int, required=True, help=f"the seed of this run (one of '{s.seeds}')")
         _params_args(p)
         p.add_argument("--bind", action="append", default=[], metavar="ARG=PATH",
                        help=f"read/write this path instead of the DVC workspace's ({', '.join(s.paths)})")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             from .params_guard import after_rejection
 
             log.error("%s", after_rejection(getattr(args, "params", None)))
-        if pipeline.directory != ".":
+        if pipeline.directory != "." and not pipeline.shared_workspace:
             log.error("the %s steps read %s/params.yaml: run them from %s/ (e.g. `cd %s && dvc repro`)",
                       pipeline.name, pipeline.directory, pipeline.directory, pipeline.directory)
         return 2
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         if item not in entries:
             log.error("no %r in %s of params.yaml; choose one of: %s", item, step.foreach, ", ".join(entries))
             return 2
-    paths: dict = {k: Path(v) for k, v in step.bind(item).items()}
+    seed = getattr(args, "seed", None)
+    if step.seeds:
+        params = registry.with_seed(params, seed)
+    paths: dict = {k: Path(v) for k, v in step.bind(item, seed).items()}
     for b in args.bind:
         key, _, path = b.partition("=")
         if key not in paths or not path:
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         process.die_with(dvc)
     outputs = [paths[k] for k in (*step.outputs, *step.metrics, *step.plots)]
     try:
-        with process.hold_outputs(step.name + (f"@{item}" if item else ""),
+        with process.hold_outputs(step.name + (f"@{item}" if item else "") + (f"@{seed}" if seed is not None else ""),
                                   Path(params.runtime.checkpoint_dir) / "locks", outputs):
             process.clean_stale_tmp(outputs)
             registry.call(step, params, item, paths)

@@ -586,6 +586,10 @@ class Kubeflow(Strict):
     data_volume: DataVolume = DataVolume()
 
 
+class Claims(Strict):  # minimal: the claims report's schema extends it
+    seeds: list[int] = Field(default_factory=list, description="the seeds a claims run (make claims) adds to `seed`")
+
+
 class Params(Strict):
     seed: int = Field(42, ge=0, description="global seed: Python, NumPy and TensorFlow")
     data: Data
@@ -595,6 +599,7 @@ class Params(Strict):
     transfer: Transfer | None = None
     mc_dropout: MCDropout | None = None
     selu_simulation: SeluSimulation = SeluSimulation()
+    claims: Claims | None = None
     mlflow: MLflow = MLflow()
     kubeflow: Kubeflow = Kubeflow()
 

@@ -172,7 +172,7 @@ def run(
     ckpt = checkpoint_for(name, exp, params, split_digests(splits_dir, exp.task), params.seed)
     with tracking.step_run("experiment", params, inputs, run_name=name,
                            spec={"experiment": name, **exp.model_dump(exclude_none=True, exclude=SPEC_ONLY)},
-                           tags=tracking.run_tags(family_of(name, exp), name, exp.description),
+                           tags={**tracking.run_tags(family_of(name, exp), name, exp.description), "seed": str(params.seed)},
                            splits=tracking.split_files(splits_dir, exp.task), resume=ckpt.dir) as tracker:
         data = train.load_task(splits_dir, exp.task)
         live = [tracker.epoch_callback()] if tracker is not None else []

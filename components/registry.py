@@ -28,6 +28,7 @@ class Step:
     description: str = ""
     entry: str = "run"  # the function of ``module`` that does the work
     foreach: str | None = None  # params key (a mapping or a list): one stage per entry, "{item}" in paths
+    seeds: str | None = None  # params key of a list of seeds: one stage per seed (x entry), "{seed}" in paths
     plot_y: str = "val_accuracy"
     plot_axes: dict[str, tuple[str, str]] = field(default_factory=dict)  # plots kwarg -> (x, y) when not (epoch, plot_y)
     gpu: bool = False  # a training step: a GPU task on Kubeflow
@@ -36,9 +37,10 @@ class Step:
     def paths(self) -> dict[str, str]:
         return {**self.inputs, **self.outputs, **self.metrics, **self.plots}
 
-    def bind(self, item: str | None) -> dict[str, str]:
-        """The step's paths with ``{item}`` filled in."""
-        return {k: v.replace("{item}", item or "") for k, v in self.paths.items()}
+    def bind(self, item: str | None, seed: int | None = None) -> dict[str, str]:
+        """The step's paths with ``{item}`` (and ``{seed}``) filled in."""
+        return {k: v.replace("{item}", item or "").replace("{seed}", "" if seed is None else str(seed))
+                for k, v in self.paths.items()}
 
 
 STEPS: tuple[Step, ...] = (
@@ -205,6 +207,43 @@ CIFAR10_STEPS: tuple[Step, ...] = (
 )
 
 
+# A claims run (`make claims`): every experiment again with each seed of ``claims.seeds``, MC dropout on each
+# seed's dropout models, then the claims report, which pairs these with the main job's runs (its seed ``seed``).
+# A pipeline of its own (claims/dvc.yaml) in the chapter's DVC project and workspace: it reads the main job's
+# data and metrics, and a plain `dvc repro` of the chapter never runs it.
+CLAIMS_SEEDS = "claims.seeds"
+_EXPERIMENT = next(s for s in STEPS if s.name == "experiment")
+_MC_DROPOUT = next(s for s in STEPS if s.name == "mc_dropout")
+CLAIMS_STEPS: tuple[Step, ...] = (
+    replace(_EXPERIMENT, name="claims_experiment", seeds=CLAIMS_SEEDS,
+            outputs={"model_path": "models/claims/seed_{seed}/{item}.keras",
+                     "artifacts_dir": "reports/claims/seed_{seed}/{item}",
+                     "history_path": "plots/claims/seed_{seed}/{item}.csv",
+                     "diagnostics_path": "plots/claims/seed_{seed}/diagnostics/{item}.csv"},
+            metrics={"metrics_path": "metrics/claims/seed_{seed}/{item}.json"}, plots={},
+            params=("runtime", "defaults", "experiments.{item}"),
+            description="Train one experiment of params.yaml again, with one seed of claims.seeds."),
+    replace(_MC_DROPOUT, name="claims_mc_dropout", seeds=CLAIMS_SEEDS,
+            inputs={"splits_dir": "data/splits", "models_dir": "models/claims/seed_{seed}"},
+            outputs={"artifacts_dir": "reports/claims/mc_dropout/seed_{seed}"},
+            metrics={"metrics_path": "metrics/claims/mc_dropout/seed_{seed}.json"},
+            params=("experiments", "mc_dropout"),
+            description="MC dropout on one seed's dropout models (mc_dropout.sources)."),
+    Step(
+        name="claims",
+        module="claims",
+        inputs={"experiments_dir": "metrics/experiments", "claims_dir": "metrics/claims",
+                "mc_json": "metrics/mc_dropout.json", "model_b_metrics": "metrics/transfer/model_b.json",
+                "b_on_a_metrics": "metrics/transfer/b_on_a.json"},
+        outputs={"report_md": "reports/claims.md", "forest_png": "reports/claims_forest.png"},
+        metrics={"claims_json": "metrics/claims.json"},
+        params=("seed", "claims", "experiments", "transfer.seeds"),
+        code=("config", "data/book_values.yaml"),
+        description="Each claim of params.yaml over the seeds: paired difference, 95 % CI, verdict; forest plot.",
+    ),
+)
+
+
 # The DVC-only first stage of a pipeline: it validates the whole params.yaml (all keys are its params) and writes a
 # constant file that every stage without inputs depends on, so DVC runs it before any other stage and a rejected
 # value (`dvc exp run -S ...` or an edit) stops the run before DVC deletes any output. Its output is `persist`ed
@@ -236,7 +275,8 @@ class Pipeline:
     directory: str = "."
     schema: str = "Params"  # a class of components.config
     guard: Step | None = None
-    summary: str | None = None  # a metrics path of one of the steps
+    summary: str | None = None  # a metrics path of one of the steps (None: DVC shows none of this pipeline's)
+    shared_workspace: bool = False  # its dvc.yaml is in ``directory``, its stages run in the repository root
 
     @property
     def dvc_steps(self) -> tuple[Step, ...]:
@@ -249,8 +289,8 @@ class Pipeline:
 
     @property
     def root(self) -> str:
-        """The repository root seen from the pipeline's folder ("" for the main pipeline)."""
-        rel = os.path.relpath(".", self.directory)
+        """The repository root seen from the pipeline's stages ("" for the main and claims pipelines)."""
+        rel = "." if self.shared_workspace else os.path.relpath(".", self.directory)
         return "" if rel == "." else rel + "/"
 
 
@@ -258,6 +298,7 @@ PIPELINES: dict[str, Pipeline] = {
     "main": Pipeline("main", STEPS, guard=params_guard("check_params"), summary="metrics/summary.json"),
     "cifar10": Pipeline("cifar10", CIFAR10_STEPS, directory="cifar10", schema="Cifar10Params",
                         guard=params_guard("cifar10_check_params"), summary="metrics/summary.json"),
+    "claims": Pipeline("claims", CLAIMS_STEPS, directory="claims", shared_workspace=True),
 }
 
 
@@ -345,6 +386,9 @@ def missing_hint(step: Step, item: str | None, paths: dict[str, Any], *missing: 
         return what
     if elsewhere:
         return f"{what}; stage {', '.join(makers)} writes {', '.join(elsewhere)}"
+    if pipeline.shared_workspace:
+        stages = " ".join(f"{pipeline.dvc_yaml}:{m}" for m in makers)
+        return f"{what}: run `dvc repro {stages}` (or `make {pipeline.name}`)"
     where = "" if pipeline.directory == "." else f" in {pipeline.directory}/ (a DVC project of its own)"
     whole = " (or `make repro` for the whole chapter)" if pipeline.name == "main" else ""
     return f"{what}: run `dvc repro {' '.join(makers)}`{where}{whole}"
@@ -357,6 +401,24 @@ def check_inputs(step: Step, item: str | None, paths: dict[str, Any]) -> None:
         raise MissingInput(2, missing_hint(step, item, paths, *missing), str(missing[0]))
 
 
+def with_seed(params: Any, seed: int) -> Any:
+    """``params`` for one run of a seeds step: its ``seed`` is that seed (the rest as in params.yaml)."""
+    return params.model_copy(update={"seed": int(seed)})
+
+
+def for_pipeline(step: Step, params: Any) -> Any:
+    """The params a step runs with: a claims step's MLflow runs go to the experiment ``<experiment_name>-claims``,
+    so that the chapter's runs (one per experiment) and a claims run's (one per experiment and seed) stay apart."""
+    pipe = pipeline_of(step.name)
+    if pipe.name != "claims" or getattr(params, "mlflow", None) is None:
+        return params
+    name = params.mlflow.experiment_name + CLAIMS_EXPERIMENT_SUFFIX
+    return params.model_copy(update={"mlflow": params.mlflow.model_copy(update={"experiment_name": name})})
+
+
+CLAIMS_EXPERIMENT_SUFFIX = "-claims"
+
+
 def call(step: Step, params: Any, item: str | None, paths: dict[str, Any]) -> Any:
     """Run ``step``: its module's entry function with the params, the foreach entry and its paths (the run()
     arguments named in the registry). The one call `python -m components` and a Kubeflow task both make.
@@ -367,6 +429,7 @@ def call(step: Step, params: Any, item: str | None, paths: dict[str, Any]) -> An
     from . import tracking
 
     fn = getattr(importlib.import_module(f"components.{step.module}"), step.entry)
+    params = for_pipeline(step, params)
     with tracking.watch():  # a tracking server lost mid-step: the step ends, writes its outputs, then fails
         return fn(params=params, **({"name": item} if step.foreach else {}), **paths)
 
@@ -379,7 +442,11 @@ def get(name: str) -> Step:
     raise KeyError(f"unknown step {name!r}; steps: {', '.join(s.name for s in steps)}")
 
 
-def _dvc_path(p: str, foreach: str | None) -> str:
+def _dvc_path(p: str, foreach: str | None, seeds: str | None = None) -> str:
+    if seeds and foreach:  # a matrix: ${item.name} x ${item.seed}
+        return p.replace("{item}", "${item.name}").replace("{seed}", "${item.seed}")
+    if seeds:
+        return p.replace("{seed}", "${item}")
     if foreach is None:
         return p
     return p.replace("{item}", "${key}" if _foreach_is_mapping(foreach) else "${item}")
@@ -397,30 +464,36 @@ def dvc_stage(step: Step, root: str = "", pipeline: Pipeline | None = None) -> d
     guard = pipeline.guard if pipeline else None
     if guard and step != guard and not step.inputs:  # every other stage is downstream of one of these
         deps += list(guard.outputs.values())
-    fe = step.foreach
+    fe, sd = step.foreach, step.seeds
     stage: dict[str, Any] = {"desc": step.description}
+    if pipeline is not None and pipeline.shared_workspace:
+        stage["wdir"] = os.path.relpath(".", pipeline.directory)
     cmd = (f"PYTHONPATH={root.rstrip('/')} " if root else "") + f"python -m components {step.name}"
     if fe:
-        cmd += " ${key}" if _foreach_is_mapping(fe) else " ${item}"
+        cmd += " ${item.name}" if sd else " ${key}" if _foreach_is_mapping(fe) else " ${item}"
+    if sd:
+        cmd += " --seed ${item.seed}" if fe else " --seed ${item}"
     stage["cmd"] = cmd
-    stage["deps"] = [_dvc_path(d, fe) for d in deps]
+    stage["deps"] = [_dvc_path(d, fe, sd) for d in deps]
     if guard and step == guard:  # all of params.yaml, then an output DVC never deletes (and git keeps)
         stage["params"] = [{"params.yaml": None}]
         stage["outs"] = [{p: {"cache": False, "persist": True}} for p in step.outputs.values()]
         return stage
     if step.params:
-        stage["params"] = [_dvc_path(p, fe) for p in step.params]
-    stage["outs"] = [_dvc_path(p, fe) for p in step.outputs.values()]
+        stage["params"] = [_dvc_path(p, fe, sd) for p in step.params]
+    stage["outs"] = [_dvc_path(p, fe, sd) for p in step.outputs.values()]
     summary = pipeline.summary if pipeline else None
-    shown = [p for p in step.metrics.values() if summary is None or p == summary]
-    stage["outs"] += [{_dvc_path(p, fe): {"cache": False}} for p in step.metrics.values() if p not in shown]
+    shown = [p for p in step.metrics.values() if p == summary]
+    stage["outs"] += [{_dvc_path(p, fe, sd): {"cache": False}} for p in step.metrics.values() if p not in shown]
     if shown:
-        stage["metrics"] = [{_dvc_path(p, fe): {"cache": False}} for p in shown]
+        stage["metrics"] = [{_dvc_path(p, fe, sd): {"cache": False}} for p in shown]
     if step.plots:
         axes = {k: step.plot_axes.get(k, ("epoch", step.plot_y)) for k in step.plots}
-        stage["plots"] = [{_dvc_path(p, fe): {"cache": False, "x": axes[k][0], "y": axes[k][1]}} for k, p in step.plots.items()]
-    if fe:
-        return {"foreach": "${" + fe + "}", "do": stage}
+        stage["plots"] = [{_dvc_path(p, fe, sd): {"cache": False, "x": axes[k][0], "y": axes[k][1]}} for k, p in step.plots.items()]
+    if fe and sd:
+        return {"matrix": {"name": "${" + fe + "}", "seed": "${" + sd + "}"}, **stage}
+    if fe or sd:
+        return {"foreach": "${" + (fe or sd) + "}", "do": stage}
     return stage
 
 
@@ -429,5 +502,8 @@ HEADER = "# Rendered from components/registry.py by `make dvc-yaml`; do not edit
 
 def render_dvc_yaml(pipeline: str = "main") -> str:
     p = PIPELINES[pipeline]
-    doc = {"stages": {s.name: dvc_stage(s, p.root, p) for s in p.dvc_steps}}
+    doc: dict[str, Any] = {}
+    if p.shared_workspace:  # ${...} in its stages come from the chapter's params.yaml
+        doc["vars"] = [os.path.relpath("params.yaml", p.directory)]
+    doc["stages"] = {s.name: dvc_stage(s, p.root, p) for s in p.dvc_steps}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)

@@ -1,4 +1,4 @@
-"""``python tools/repro.py [--jobs N]``: ``dvc repro`` with independent stages running at once (a local convenience:
+"""``python tools/repro.py [--jobs N] [PIPELINE]``: ``dvc repro`` with independent stages running at once (a local convenience:
 nothing on the step path or in a Kubeflow task uses it).
 
 DVC runs the stages of one ``dvc repro`` one after another. Its documented way to use more cores is to run
@@ -44,9 +44,10 @@ def _dvc() -> str:
     return str(exe) if exe.exists() else "dvc"
 
 
-def dag() -> tuple[list[str], dict[str, set[str]]]:
-    """Stages (in dvc.yaml order) and, for each, the stages it depends on, as ``dvc dag --dot`` prints them."""
-    dot = subprocess.run([_dvc(), "dag", "--dot"], check=True, capture_output=True, text=True).stdout
+def dag(target: str = "dvc.yaml") -> tuple[list[str], dict[str, set[str]]]:
+    """Stages of ``target`` and upstream (in dvc.yaml order) and, for each, the stages it depends on, as
+    ``dvc dag --dot`` prints them."""
+    dot = subprocess.run([_dvc(), "dag", "--dot", target], check=True, capture_output=True, text=True).stdout
     nodes: list[str] = []
     ups: dict[str, set[str]] = {}
     for line in dot.splitlines():
@@ -68,10 +69,10 @@ def downstream(nodes: list[str], ups: dict[str, set[str]]) -> dict[str, set[str]
     return downs
 
 
-def out_of_date(nodes: list[str], ups: dict[str, set[str]]) -> list[str]:
+def out_of_date(nodes: list[str], ups: dict[str, set[str]], target: str = "dvc.yaml") -> list[str]:
     """What ``dvc repro`` would consider: the changed stages and everything downstream of them."""
-    res = subprocess.run([_dvc(), "status", "--json"], check=True, capture_output=True, text=True)
-    changed = {name.split(":")[-1] for name in json.loads(res.stdout or "{}")}  # "dvc.yaml:stage" in subprojects
+    res = subprocess.run([_dvc(), "status", "--json", target], check=True, capture_output=True, text=True)
+    changed = {name.removeprefix("dvc.yaml:") for name in json.loads(res.stdout or "{}")}  # as `dvc dag` names them
     downs = downstream(nodes, ups)
     todo, queue = set(), deque(n for n in nodes if n in changed)
     while queue:
@@ -96,11 +97,11 @@ def estimated_durations(nodes: list[str], overhead: float = 10.0) -> dict[str, f
     as committed (``metrics/**/<item>.json``) plus a fixed overhead; stages without one get the overhead."""
     est: dict[str, float] = {}
     for n in nodes:
-        item = n.split("@")[-1].split(":")[-1]
+        item = re.sub(r"-\d+$", "", n.split("@")[-1].split(":")[-1])  # a matrix stage: <experiment>-<seed>
         secs = 0.0
-        for f in Path("metrics").glob(f"**/{item}.json"):
+        for f in Path("metrics").glob(f"**/{item}.json"):  # the main job's run and any claims run's: the longest
             with contextlib.suppress(OSError, ValueError):
-                secs += _train_seconds(json.loads(f.read_text()))
+                secs = max(secs, _train_seconds(json.loads(f.read_text())))
         est[n] = overhead + secs
     return est
 
@@ -151,9 +152,9 @@ def params_guards() -> set[str]:
     return {p.guard.name for p in registry.PIPELINES.values() if p.guard}
 
 
-def run(jobs: int) -> int:
-    nodes, ups = dag()
-    todo = out_of_date(nodes, ups)
+def run(jobs: int, target: str = "dvc.yaml") -> int:
+    nodes, ups = dag(target)
+    todo = out_of_date(nodes, ups, target)
     first = [n for n in todo if n in params_guards() and not ups[n]]
     if first:  # a params edit makes the guard stale and so, on paper, every stage below it: run it alone, then ask
         for n in first:  # DVC again (its output never changes, so only what the edit really touches is left)
@@ -163,7 +164,7 @@ def run(jobs: int) -> int:
                 print(f"[repro] {n} rejected the params: nothing else ran; fix params.yaml and run the same command "
                       "again", file=sys.stderr, flush=True)
                 return rc
-        todo = out_of_date(nodes, ups)
+        todo = out_of_date(nodes, ups, target)
     if todo and jobs > 1:
         prepare_tracking_store()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -236,7 +237,7 @@ def run(jobs: int) -> int:
         return 1
     print(f"[repro] parallel part done in {time.monotonic() - t0:.0f} s; now a plain `dvc repro`, which must find "
           "nothing to do", flush=True)
-    return subprocess.call([_dvc(), "repro"])
+    return subprocess.call([_dvc(), "repro", target])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,13 +245,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-j", "--jobs", type=int, default=0,
                    help="stages at once (default: $CH11_REPRO_JOBS, else one more than the CPUs, at most 5)")
+    p.add_argument("pipeline", nargs="?", default="dvc.yaml",
+                   help="the dvc.yaml to reproduce, with what it depends on (default: the chapter's; claims/dvc.yaml: "
+                        "a claims run)")
     a = p.parse_args(argv)
     # One more stage than cores: every stage has phases that leave its core idle (DVC reading the project,
     # waiting for its lock, hashing outputs; the stage's start and its MLflow logging), which a third stage
     # fills on 2 cores (measured from fresh clones: CPUs 80 % busy with 2 stages, 87 % with 3; the chapter's
     # pipeline 1,212 s -> 981 s, same metrics, bit-identical weights).
     jobs = a.jobs or int(os.environ.get("CH11_REPRO_JOBS", 0)) or min(4, len(os.sched_getaffinity(0))) + 1
-    return run(max(1, jobs))
+    return run(max(1, jobs), a.pipeline)
 
 
 if __name__ == "__main__":
