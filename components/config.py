@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .claims_schema import Claims
+
 DEFAULT_PARAMS = "params.yaml"
 
 FASHION_MNIST_CLASSES = [
@@ -586,10 +588,6 @@ class Kubeflow(Strict):
     data_volume: DataVolume = DataVolume()
 
 
-class Claims(Strict):  # minimal: the claims report's schema extends it
-    seeds: list[int] = Field(default_factory=list, description="the seeds a claims run (make claims) adds to `seed`")
-
-
 class Params(Strict):
     seed: int = Field(42, ge=0, description="global seed: Python, NumPy and TensorFlow")
     data: Data
@@ -615,6 +613,8 @@ class Params(Strict):
         for name in self.experiments:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"experiment name {name!r}: use letters, digits and '_' only")
+        if self.claims is not None:
+            self.claims.check(self)
         return self
 
 
