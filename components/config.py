@@ -721,6 +721,9 @@ class Kubeflow(Strict):
     data_volume: DataVolume = DataVolume()
 
 
+CROSS_CHECK_SEP = "\n  - "  # between the problems of one check across sections (one line each in the error)
+
+
 class Params(Strict):
     seed: int = Field(42, ge=0, description="global seed: Python, NumPy and TensorFlow")
     data: Data
@@ -751,7 +754,7 @@ class Params(Strict):
             problems.insert(0, f"claims.seeds: {self.seed} is `seed`, which the main job already runs; claims.seeds "
                                "lists the seeds a claims run adds to it")
         if problems:
-            raise ValueError("\n  - ".join(problems))
+            raise ValueError(CROSS_CHECK_SEP.join(problems))
         return self
 
 
@@ -860,8 +863,9 @@ def _format_errors(err: ValidationError, source: str, schema: type[Params] = Par
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1], schema)
             msg = f"unknown key '{key}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
-        elif not loc and e["type"] == "value_error":  # a check across sections: its message names the keys
-            msg = str(e["msg"]).removeprefix("Value error, ")
+        elif not loc and e["type"] == "value_error":  # checks across sections: each message names its keys
+            problems.extend([m, None] for m in str(e["msg"]).removeprefix("Value error, ").split(CROSS_CHECK_SEP))
+            continue
         else:
             got = e.get("input")
             shown_got = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
