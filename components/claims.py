@@ -50,8 +50,11 @@ def seeds_of(params: Params) -> list[int]:
     return [params.seed, *params.claims.seeds]
 
 
-def _read_seed_file(path: Path, seed: int, what: str) -> dict:
+def _read_seed_file(path: Path, seed: int, what: str, main: bool = False) -> dict:
     if not Path(path).is_file():
+        if main:
+            raise MissingSeedError(f"no metrics for {what}, seed {seed} (the main job's): {path} is missing. Run "
+                                   "`dvc repro` (the main job) first, then `make claims`")
         raise MissingSeedError(
             f"no metrics for {what}, seed {seed}: {path} is missing. Run `make claims` (it trains every experiment "
             f"with each of claims.seeds), or drop seed {seed} from claims.seeds in params.yaml")
@@ -105,11 +108,12 @@ def load_data(params: Params, experiments_dir: Path, claims_dir: Path, mc_json: 
     data: dict[str, Any] = {"experiments": {}, "mc": {}, "transfer": {}}
     for name in exps:
         data["experiments"][name] = {
-            s: _read_seed_file(experiment_path(name, s, params, experiments_dir, claims_dir), s, f"experiment {name!r}")
+            s: _read_seed_file(experiment_path(name, s, params, experiments_dir, claims_dir), s, f"experiment {name!r}",
+                               main=s == params.seed)
             for s in seeds}
     if mc:
         for s in seeds:
-            d = _read_seed_file(mc_path(s, params, mc_json, claims_dir), s, "MC dropout")
+            d = _read_seed_file(mc_path(s, params, mc_json, claims_dir), s, "MC dropout", main=s == params.seed)
             missing = [m for m in mc if m not in d]
             if missing:
                 raise MissingSeedError(f"{mc_path(s, params, mc_json, claims_dir)} has no MC-dropout result for "
@@ -383,7 +387,8 @@ def render_md(params: Params, results: list[dict], book_rows: list[dict], info: 
            "Valid / test accuracy (%) of every experiment the claims compare, mean ± std over the seeds and the range "
            "(min–max), beside the value the seed documents print (`components/data/book_values.yaml`) and whether it "
            "lies within our range. A value printed at an earlier epoch than our last is not the same quantity: shown, "
-           "not compared.", "",
+           "not compared. The error-rate factor here is the arithmetic mean over the transfer seeds (the claim above "
+           "averages its log: a geometric mean).", "",
            "| experiment | n | valid acc mean ± std | valid min–max | test acc mean ± std | test min–max | book | within our range |",
            "|---|---:|---:|---:|---:|---:|---|---|"]
 
