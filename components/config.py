@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .claims_schema import Claims, problems as claims_problems
+
 DEFAULT_PARAMS = "params.yaml"
 
 FASHION_MNIST_CLASSES = [
@@ -586,8 +588,7 @@ class Kubeflow(Strict):
     data_volume: DataVolume = DataVolume()
 
 
-class Claims(Strict):  # minimal: the claims report's schema extends it
-    seeds: list[int] = Field(default_factory=list, description="the seeds a claims run (make claims) adds to `seed`")
+CROSS_CHECK_SEP = "\n  - "  # between the problems of one check across sections (one line each in the error)
 
 
 class Params(Strict):
@@ -599,9 +600,9 @@ class Params(Strict):
     transfer: Transfer | None = None
     mc_dropout: MCDropout | None = None
     selu_simulation: SeluSimulation = SeluSimulation()
-    claims: Claims | None = None
     mlflow: MLflow = MLflow()
     kubeflow: Kubeflow = Kubeflow()
+    claims: Claims = Field(default_factory=Claims, description="the chapter's claims and the seeds that test them")
 
     @model_validator(mode="after")
     def _references(self) -> "Params":
@@ -615,6 +616,9 @@ class Params(Strict):
         for name in self.experiments:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"experiment name {name!r}: use letters, digits and '_' only")
+        problems = claims_problems(self)
+        if problems:
+            raise ValueError(CROSS_CHECK_SEP.join(problems))
         return self
 
 
@@ -723,6 +727,9 @@ def _format_errors(err: ValidationError, source: str, schema: type[Params] = Par
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1], schema)
             msg = f"unknown key '{key}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+        elif not loc and e["type"] == "value_error":  # checks across sections: each message names its keys
+            problems.extend([m, None] for m in str(e["msg"]).removeprefix("Value error, ").split(CROSS_CHECK_SEP))
+            continue
         else:
             got = e.get("input")
             shown_got = "" if isinstance(got, (dict, list)) else f" (got {got!r})"

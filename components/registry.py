@@ -238,7 +238,7 @@ CLAIMS_STEPS: tuple[Step, ...] = (
         outputs={"report_md": "reports/claims.md", "forest_png": "reports/claims_forest.png"},
         metrics={"claims_json": "metrics/claims.json"},
         params=("seed", "claims", "experiments", "transfer.seeds"),
-        code=("config", "data/book_values.yaml"),
+        code=("config", "claims_schema", "data/book_values.yaml"),
         description="Each claim of params.yaml over the seeds: paired difference, 95 % CI, verdict; forest plot.",
     ),
 )
@@ -257,7 +257,7 @@ def params_guard(name: str) -> Step:
         name=name,
         module="params_guard",
         outputs={"out_path": PARAMS_CHECK},
-        code=("config",),
+        code=("config", "claims_schema"),
         description="Validate params.yaml (every key) before any other stage runs: a rejected value touches no output.",
     )
 
@@ -286,6 +286,11 @@ class Pipeline:
     @property
     def dvc_yaml(self) -> str:
         return os.path.normpath(os.path.join(self.directory, "dvc.yaml"))
+
+    @property
+    def params_file(self) -> str:
+        """The params.yaml its stages read."""
+        return "params.yaml" if self.shared_workspace else os.path.normpath(os.path.join(self.directory, "params.yaml"))
 
     @property
     def root(self) -> str:

@@ -116,7 +116,7 @@ def _git(*args: str, strip: bool = True) -> str:
 
 def dvc_written(top: Path) -> list[str]:
     """Patterns (relative to the git top level ``top``) of what DVC itself writes into the tree: every pipeline's
-    dvc.lock, every stage output of the registry (``{item}`` as ``*``) and the .gitignore beside each."""
+    dvc.lock, every stage output of the registry (``{item}`` and ``{seed}`` as ``*``) and the .gitignore beside each."""
     from . import registry
 
     project = Path(__file__).resolve().parent.parent
@@ -127,8 +127,10 @@ def dvc_written(top: Path) -> list[str]:
         except ValueError:  # this pipeline is not in that repository
             continue
         outs = [o for s in pipe.steps for o in (*s.outputs.values(), *s.metrics.values(), *s.plots.values())]
-        for rel in ["dvc.lock", *outs, *{str(Path(o).parent / ".gitignore") for o in outs}]:
-            pats.append((base / rel.replace("{item}", "*")).as_posix())
+        workspace = base.parent if pipe.shared_workspace else base  # a shared workspace: outputs from the root
+        pats.append((base / "dvc.lock").as_posix())
+        for rel in [*outs, *{str(Path(o).parent / ".gitignore") for o in outs}]:
+            pats.append((workspace / rel.replace("{item}", "*").replace("{seed}", "*")).as_posix())
     return pats
 
 

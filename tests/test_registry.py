@@ -28,7 +28,7 @@ def _stages(pipeline):
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
 def test_every_stage_param_exists_in_the_schema_and_the_params_file(pipeline):
     """DVC fails on a declared param missing from params.yaml; the schema must know it too."""
-    raw = yaml.safe_load((ROOT / pipeline.directory / "params.yaml").read_text())
+    raw = yaml.safe_load((ROOT / pipeline.params_file).read_text())
     for name, stage in _stages(pipeline):
         for key in stage.get("params", []):
             if isinstance(key, dict):  # a whole file: the params guard
@@ -40,7 +40,7 @@ def test_every_stage_param_exists_in_the_schema_and_the_params_file(pipeline):
             node = raw
             for part in key.split("."):
                 assert part in model.model_fields, f"stage {name}: param {key} is not in the schema"
-                assert isinstance(node, dict) and part in node, f"stage {name}: param {key} is not in {pipeline.directory}/params.yaml"
+                assert isinstance(node, dict) and part in node, f"stage {name}: param {key} is not in {pipeline.params_file}"
                 node = node[part]
                 model = model.model_fields[part].annotation
                 model = getattr(model, "__args__", (model,))[0] if not hasattr(model, "model_fields") else model
