@@ -693,24 +693,41 @@ def test_claims_components_take_each_part_of_a_shared_folder():
     assert "seed: int" in claims  # the main job's seed, a run-time parameter, which the claims pair with
 
 
-CLAIMS_KEEP = ("dropout", "alpha_dropout")  # the MC-dropout sources
+CLAIMS_KEEP = ("dropout", "dropout_none")  # an MC-dropout source and its baseline
 CLAIMS_SEED = 43
 
 
-def test_run_local_claims_trains_each_experiment_per_seed_and_mc_dropout_per_seed(
-        tmp_path, monkeypatch, debian_dir, mlflow_server):
-    """kfp.local (SubprocessRunner) runs the claims fan-out: the data steps, the (experiment, seed) loop and MC
-    dropout per seed, on tiny params. Up to claims_mc_dropout: components/claims.py (the claims step) is built
-    apart; once it is there, this runs pipeline_steps(claims=True) and checks its outputs too."""
-    from kfp import local
+def _claims_params(debian_dir: Path) -> dict:
+    """Tiny params for a claims run: two experiments, one claims seed, the claims whose sides these cover."""
+    from components.claims_schema import MC_SIDES, TRANSFER_SIDES
 
     from .tiny import tiny_params
 
     raw = tiny_params(mirrors=[str(debian_dir)])
     raw["experiments"] = {k: raw["experiments"][k] for k in CLAIMS_KEEP}
-    raw["claims"] = {"seeds": [CLAIMS_SEED]}
-    by_name = {s.name: s for s in pipeline.pipeline_steps(claims=True)}
-    steps = [by_name[n] for n in ("download", "split", "standardize", "claims_experiment", "claims_mc_dropout")]
+    raw["mc_dropout"]["sources"] = ["dropout"]
+
+    def covered(side: str) -> bool:
+        kind, _, source = side.partition("@")
+        return side in CLAIMS_KEEP or side in TRANSFER_SIDES or (kind in MC_SIDES and source in raw["mc_dropout"]["sources"])
+
+    raw["claims"]["seeds"] = [CLAIMS_SEED]
+    raw["claims"]["list"] = {n: c for n, c in raw["claims"]["list"].items()
+                             if all(covered(s) for s in c.get("order") or [c["better"], c["than"]])}
+    return raw
+
+
+def test_run_local_claims_trains_each_experiment_per_seed_and_reports_the_claims(
+        tmp_path, monkeypatch, debian_dir, mlflow_server):
+    """The claims pipeline under kfp.local (SubprocessRunner) on tiny params: the chapter's steps the claims read,
+    the (experiment, seed) loop, MC dropout per seed and the claims step, which pairs the chapter's seed with the
+    claims seed. (`run-local --claims` runs the same with the chapter's report and SELU simulation too.)"""
+    from kfp import local
+
+    raw = _claims_params(debian_dir)
+    claim_names = set(raw["claims"]["list"])
+    assert {"dropout_gap", "mc_dropout_ece", "transfer_error_rate"} <= claim_names
+    steps = [s for s in pipeline.pipeline_steps(claims=True) if s.name not in ("selu_simulation", "report")]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("CH11_PIPELINE_RUN", "kfp-local-claims")
@@ -718,14 +735,21 @@ def test_run_local_claims_trains_each_experiment_per_seed_and_mc_dropout_per_see
                raise_on_error=True)
     pipeline.build_pipeline(raw, local=True, steps=steps)()
 
-    metrics = _kfp_metrics(tmp_path / "kfp_out")
+    out = tmp_path / "kfp_out"
+    metrics = _kfp_metrics(out)
     for name in CLAIMS_KEEP:
         assert metrics[name]["experiment"] == name and len(_results(metrics[name])) >= 4, name
-    models = [p for p in (tmp_path / "kfp_out").rglob("*.keras")]
-    assert sorted(p.name for p in models) == sorted(f"{n}.keras" for n in CLAIMS_KEEP)
-    mc = [json.loads(p.read_text()) for p in (tmp_path / "kfp_out").rglob("metrics_path")
-          if "mc-dropout" in str(p.relative_to(tmp_path))]
-    assert len(mc) == 1 and set(mc[0]) == set(CLAIMS_KEEP)  # the seed's two dropout models, sampled
+    claims_models = [p for p in out.rglob("*.keras") if "claims-experiment" in str(p)]
+    assert sorted(p.name for p in claims_models) == sorted(f"{n}.keras" for n in CLAIMS_KEEP)
+    mc = [json.loads(p.read_text()) for p in out.rglob("metrics_path") if "claims-mc-dropout" in str(p)]
+    assert len(mc) == 1 and set(mc[0]) == {"dropout"}  # the seed's dropout model, sampled
+    # the claims step: every kept claim, over the chapter's seed and the claims seed
+    report = json.loads(next(out.rglob("claims_json")).read_text())
+    assert report["seeds"] == [raw["seed"], CLAIMS_SEED]
+    assert {r["claim"] for r in report["claims"]} == claim_names
+    assert all(r["n"] == 2 and r["verdict"] for r in report["claims"] if r["claim"] != "transfer_error_rate")
+    assert "dropout_gap" in next(out.rglob("report_md")).read_text()
+    assert next(out.rglob("forest_png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     from mlflow import MlflowClient
 
