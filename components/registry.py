@@ -237,7 +237,7 @@ CLAIMS_STEPS: tuple[Step, ...] = (
                 "b_on_a_metrics": "metrics/transfer/b_on_a.json"},
         outputs={"report_md": "reports/claims.md", "forest_png": "reports/claims_forest.png"},
         metrics={"claims_json": "metrics/claims.json"},
-        params=("seed", "claims", "experiments", "transfer.seeds"),
+        params=("seed", "claims", "experiments", "transfer.seeds", "mc_dropout.sources"),
         code=("config", "claims_schema", "data/book_values.yaml"),
         description="Each claim of params.yaml over the seeds: paired difference, 95 % CI, verdict; forest plot.",
     ),
