@@ -58,7 +58,11 @@ def test_the_chapters_repro_never_runs_the_claims(repo):
 
 
 def test_claims_run_is_one_stage_per_experiment_and_seed(repo):
-    stages = ran(run([*WARM, "dvc", "repro", "claims/dvc.yaml"], cwd=repo).stdout)
+    """As `make claims` runs it: tools/repro.py on claims/dvc.yaml (stages at once through `dvc repro --single-item`),
+    whose closing plain `dvc repro claims/dvc.yaml` must find nothing left."""
+    out = run([*WARM, sys.executable, "tools/repro.py", "--jobs", "2", "claims/dvc.yaml"], cwd=repo).stdout
+    stages = set(re.findall(r"\[repro\]\s+\d+/\d+ start\s+(\S+)", out))
+    assert "Running stage" not in out.split("now a plain `dvc repro`")[-1], out[-2000:]
     assert {s for s in stages if "claims_experiment@" in s} == {
         f"claims/dvc.yaml:claims_experiment@{e}-43" for e in KEPT}
     assert {"claims/dvc.yaml:claims_mc_dropout@43", "claims/dvc.yaml:claims"} <= stages
