@@ -155,7 +155,7 @@ STEPS: tuple[Step, ...] = (
                 "selu_simulation_json": "metrics/selu_simulation.json"},
         outputs={"figures_dir": "reports/figures", "report_md": "reports/report.md"},
         metrics={"report_json": "metrics/report.json", "summary_json": "metrics/summary.json"},
-        params=("experiments", "transfer.seeds"),
+        params=("seed", "experiments", "transfer.seeds"),
         code=("data/book_values.yaml",),
         description="Gather every experiment into one table (Markdown + JSON) with the book's values and learning curves.",
     ),
