@@ -4,6 +4,7 @@
     python pipeline.py run-local [-S key=value ...]                    # the whole pipeline here, kfp.local
     python pipeline.py run-local --runner docker --image IMAGE         # ... each task in the task image
     python pipeline.py submit --host URL [--experiment NAME] [--wait]  # compile and start a run on a cluster
+    python pipeline.py compile --claims   # (run-local, submit too) the chapter, then its claims over claims.seeds
 
 One registry, one schema: each component below is the Kubeflow edge of one step of
 ``components/registry.py`` (the same registry dvc.yaml is rendered from) and calls the same step function
@@ -30,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Sequence
 
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -55,10 +56,11 @@ from components.config import Params, ParamsError, load_raw, resolve_defaults, v
 #
 # `python pipeline.py components` prints them all.
 
+Steps = Sequence[registry.Step]
 ARTIFACT_TYPES = {t.__name__: t for t in (Artifact, Dataset, Markdown, Metrics, Model)}
 
 
-def artifact_type(step: registry.Step, arg: str) -> str:
+def artifact_type(step: registry.Step, arg: str, steps: Steps = registry.STEPS) -> str:
     """The KFP artifact type of one step argument: what its output holds, or what its producer's output holds."""
     if arg in step.metrics:
         return "Metrics"
@@ -69,8 +71,8 @@ def artifact_type(step: registry.Step, arg: str) -> str:
         if path.endswith(".keras") or path.startswith("models/"):
             return "Model"
         return "Markdown" if path.endswith(".md") else "Dataset" if path.startswith("data/") else "Artifact"
-    src, out, fan_in = source_of(step.inputs[arg])
-    return f"List[{artifact_type(src, out)}]" if fan_in else artifact_type(src, out)
+    src, out, fan_in = sources_of(step.inputs[arg], steps)[0]  # several producers: the same kind of output
+    return f"List[{artifact_type(src, out, steps)}]" if fan_in else artifact_type(src, out, steps)
 
 
 # Pipeline parameters a user may change in the KFP UI at run time (no recompile): the data version and the seeds.
@@ -78,9 +80,32 @@ def artifact_type(step: registry.Step, arg: str) -> str:
 RUNTIME_PARAMETERS = {"seed": "seed: int", "transfer.seeds": "transfer_seeds: List[int]"}
 
 
-def component_source(step: registry.Step) -> str:
+Unrolled = dict[str, list[str]]  # step name -> the labels of its tasks, for a fan-out step that is unrolled
+
+
+def input_args(step: registry.Step, steps: Steps = registry.STEPS, unrolled: Unrolled | None = None
+               ) -> list[tuple[str, str, str, str, str]]:
+    """The component arguments of the step's inputs: (argument, run() argument, its type, producer task, output).
+    An input is one argument, or one per producer where several steps fill its folder (the claims step's
+    ``metrics/claims``: ``claims_dir__<producer>``), and one per task of an unrolled producer
+    (``claims_dir__claims_mc_dropout__<seed>``); run_step lays the parts out as the one folder the step reads."""
+    out = []
+    for kw, path in step.inputs.items():
+        srcs = sources_of(path, steps)
+        for src, o, fan_in in srcs:
+            arg = kw if len(srcs) == 1 else f"{kw}{kfp_step.PART}{src.name}"
+            if unrolled and src.name in unrolled:  # its tasks' outputs, one argument each
+                out += [(f"{arg}{kfp_step.PART}{label}", kw, artifact_type(src, o, steps), f"{src.name}{kfp_step.PART}{label}", o)
+                        for label in unrolled[src.name]]
+            else:
+                t = artifact_type(src, o, steps)
+                out.append((arg, kw, f"List[{t}]" if fan_in else t, src.name, o))
+    return out
+
+
+def component_source(step: registry.Step, steps: Steps = registry.STEPS, unrolled: Unrolled | None = None) -> str:
     args = ["params: str", "data_version: str", *(a for k, a in RUNTIME_PARAMETERS.items() if k in step.params),
-            *(f"{a}: Input[{artifact_type(step, a)}]" for a in step.inputs),
+            *(f"{a}: Input[{t}]" for a, _, t, *_ in input_args(step, steps, unrolled)),
             *(f"{a}: Output[{artifact_type(step, a)}]" for a in (*step.outputs, *step.metrics, *step.plots))]
     return (f"def {step.name}({', '.join(args)}):\n"
             "    artifacts = dict(locals())\n"
@@ -88,10 +113,10 @@ def component_source(step: registry.Step) -> str:
             f"    run_step({step.name!r}, **artifacts)\n")
 
 
-def component_function(step: registry.Step) -> Callable:
+def component_function(step: registry.Step, steps: Steps = registry.STEPS, unrolled: Unrolled | None = None) -> Callable:
     """The component's Python function, defined from its source. KFP ships a lightweight component's source to
     the task (inspect.getsource), so the source is registered with linecache as dataclasses does for __init__."""
-    source = component_source(step)
+    source = component_source(step, steps, unrolled)
     filename = f"<pipeline.py component {step.name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     namespace: dict[str, Any] = {"__name__": __name__, "Input": Input, "Output": Output, "List": List, **ARTIFACT_TYPES}
@@ -101,21 +126,64 @@ def component_function(step: registry.Step) -> Callable:
 
 # ------------------------------------------------------------------------------------------ wiring
 
-def producers() -> dict[str, tuple[registry.Step, str]]:
+def pipeline_steps(claims: bool = False) -> Steps:
+    """The steps a compiled pipeline runs: the chapter's; with ``--claims``, the claims run's after them (they read
+    the chapter's data and metrics, so a claims pipeline is the chapter plus its claims steps)."""
+    return registry.STEPS + (registry.CLAIMS_STEPS if claims else ())
+
+
+def is_fan_out(step: registry.Step) -> bool:
+    """A step run once per foreach entry and/or per seed: a ParallelFor on Kubeflow (or unrolled, see below)."""
+    return bool(step.foreach or step.seeds)
+
+
+def is_unrolled(step: registry.Step, steps: Steps) -> bool:
+    """A fan-out step that reads a fan-in (claims_mc_dropout: each seed's models, collected from the claims
+    experiments' ParallelFor) is one task per item, made at compile time, not a ParallelFor: KFP cannot hand a
+    Collected list of artifacts into a loop (the compiler types it as a parameter; a sub-pipeline around the loop
+    compiles, but kfp.local then loses the list), nor collect from nested loops. Each task takes the whole
+    collected list and run_step keeps its seed's; its consumers take one argument per task."""
+    return is_fan_out(step) and any(fan_in for path in step.inputs.values() for *_, fan_in in sources_of(path, steps))
+
+
+def fan_out_items(params: Params, step: registry.Step) -> list[tuple[str | None, int | None]]:
+    """A step's tasks: (foreach entry, seed) for each entry x seed of a fan-out step; [(None, None)] otherwise."""
+    entries = registry.foreach_entries(params, step.foreach) if step.foreach else [None]
+    seeds = registry.foreach_entries(params, step.seeds) if step.seeds else [None]
+    return [(n, sd) for n in entries for sd in seeds]
+
+
+def item_label(item: str | None, seed: int | None) -> str:
+    """A fan-out task's label (an identifier part): its foreach entry and/or seed."""
+    import re
+
+    return re.sub(r"\W", "_", "_".join(str(x) for x in (item, seed) if x is not None))
+
+
+def producers(steps: Steps = registry.STEPS) -> dict[str, tuple[registry.Step, str]]:
     """Workspace path (pattern) -> the step and run() argument that writes it."""
-    return {path: (s, kw) for s in registry.STEPS for kw, path in {**s.outputs, **s.metrics, **s.plots}.items()}
+    return {path: (s, kw) for s in steps for kw, path in {**s.outputs, **s.metrics, **s.plots}.items()}
 
 
-def source_of(path: str) -> tuple[registry.Step, str, bool]:
-    """Who writes input ``path``: (step, argument, fan_in). A fan-in collects a foreach step's outputs."""
-    made = producers()
+def sources_of(path: str, steps: Steps = registry.STEPS) -> list[tuple[registry.Step, str, bool]]:
+    """Who writes input ``path``: [(step, argument, fan_in)]. A fan-in collects a fan-out step's outputs; a folder
+    may be filled by several fan-out steps (``metrics/claims``: the claims experiments and MC dropout)."""
+    made = producers(steps)
     if path in made:
         step, kw = made[path]
-        return step, kw, step.foreach is not None
+        return [(step, kw, is_fan_out(step))]
     inside = [(s, kw) for p, (s, kw) in made.items() if p.startswith(path.rstrip("/") + "/")]
-    if len(inside) == 1 and inside[0][0].foreach:
-        return inside[0][0], inside[0][1], True
+    if inside and all(is_fan_out(s) for s, _ in inside) and len({s.name for s, _ in inside}) == len(inside):
+        return [(s, kw, True) for s, kw in inside]
     raise LookupError(f"no step writes {path!r} (or several do: {[s.name for s, _ in inside]}); fix components/registry.py")
+
+
+def source_of(path: str, steps: Steps = registry.STEPS) -> tuple[registry.Step, str, bool]:
+    """Who writes input ``path`` where one step does: (step, argument, fan_in)."""
+    found = sources_of(path, steps)
+    if len(found) != 1:
+        raise LookupError(f"{path!r} is filled by several steps: {[s.name for s, *_ in found]}")
+    return found[0]
 
 
 def data_version_of(lock: Path = ROOT / "dvc.lock", params: Params | None = None) -> str:
@@ -167,27 +235,35 @@ def warn_if_placeholder(*images: str) -> None:
 
 
 def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | None = None,
-                   gpu_image: str | None = None) -> Callable:
+                   gpu_image: str | None = None, steps: Steps = registry.STEPS) -> Callable:
     """The pipeline function for these params (validated here, before anything is compiled or run).
 
-    ``local``: for kfp.local (no Kubernetes settings; GPU tasks may run on CPU).
+    ``local``: for kfp.local (no Kubernetes settings; GPU tasks may run on CPU). ``steps``: the chapter's, or
+    ``pipeline_steps(claims=True)`` for a claims run.
     """
     from components import tracking
 
     params = validate_params(raw)
+    claims = any(registry.pipeline_of(s.name).name == "claims" for s in steps)
+    if claims and not (params.claims and params.claims.seeds):
+        raise ParamsError("--claims: params.yaml has no claims.seeds, so a claims run has nothing to run; set "
+                          "claims: {seeds: [43, 44, 45, 46]} (or -S 'claims.seeds=[43,44]').")
     kf = params.kubeflow
     image, gpu_image = image or kf.image, gpu_image or kf.gpu_image
     resolved = resolve_defaults(raw)
     for section in ("defaults", "kubeflow"):  # merged into each experiment / compile-time only
         resolved.pop(section, None)
-    comps = {s.name: dsl.component(component_function(s), base_image=gpu_image if s.gpu else image,
-                                   install_kfp_package=False) for s in registry.STEPS}
+    unrolled = {s.name: [item_label(n, sd) for n, sd in fan_out_items(params, s)] for s in steps if is_unrolled(s, steps)}
+    comps = {s.name: dsl.component(component_function(s, steps, unrolled), base_image=gpu_image if s.gpu else image,
+                                   install_kfp_package=False) for s in steps}
     hashes, git = tracking.lock_hashes(ROOT / "dvc.lock"), tracking.git_state()
 
-    def task_yaml(step: registry.Step, item: str | None = None) -> str:
+    def task_yaml(step: registry.Step, item: str | None = None, seed: int | None = None) -> str:
         import yaml
 
         task_params = registry.task_params(resolved, step, item)
+        if seed is not None:  # a seeds step's run: its seed is the one its params say (run_step binds {seed} to it)
+            task_params["seed"] = int(seed)
         if step.name == "download" and kf.data_volume.pvc and not local:  # the claim first, then the public mirrors
             task_params["data"]["mirrors"] = [kf.data_volume.mount_path, *task_params["data"]["mirrors"]]
         return yaml.safe_dump(task_params, sort_keys=True)
@@ -227,25 +303,39 @@ def build_pipeline(raw: dict[str, Any], *, local: bool = False, image: str | Non
                 kubernetes.mount_pvc(task, pvc_name=kf.checkpoints.pvc, mount_path=kf.checkpoints.mount_path)
                 task.set_env_variable(kfp_step.CHECKPOINT_ENV, kf.checkpoints.mount_path)
 
-    @dsl.pipeline(name=kf.pipeline_name, description="Géron, Hands-On ML ch. 11: every experiment of 'Training Deep "
-                  "Neural Networks' on Fashion-MNIST (same steps as dvc.yaml)")
+    what = "the chapter's claims over seeds (claims/dvc.yaml), after the chapter" if claims else "same steps as dvc.yaml"
+    @dsl.pipeline(name=kf.pipeline_name + ("-claims" if claims else ""),
+                  description=f"Géron, Hands-On ML ch. 11: every experiment of 'Training Deep Neural Networks' on "
+                              f"Fashion-MNIST ({what})")
     def ch11_pipeline(data_version: str = data_version_of(params=params), seed: int = params.seed,
                       transfer_seeds: List[int] = list(params.transfer.seeds) if params.transfer else []):
         runtime_values = {"seed": seed, "transfer.seeds": transfer_seeds}
-        tasks: dict[str, dsl.PipelineTask] = {}
-        for step in registry.STEPS:
-            args: dict[str, Any] = {RUNTIME_PARAMETERS[k].split(":")[0]: v
-                                    for k, v in runtime_values.items() if k in step.params}
-            for kw, path in step.inputs.items():
-                src, out, fan_in = source_of(path)
-                channel = tasks[src.name].outputs[out]
-                args[kw] = dsl.Collected(channel) if fan_in else channel
-            if step.foreach:  # one iteration per entry, its item = the one entry of its params slice
-                items = [task_yaml(step, n) for n in registry.foreach_entries(params, step.foreach)]
-                with dsl.ParallelFor(items, name=step.name, parallelism=kf.parallelism) as it:
-                    task = comps[step.name](params=it, data_version=data_version, **args)
+        tasks: dict[str, dsl.PipelineTask] = {}  # step name (an unrolled step's: <name>__<label>) -> its task
+        for step in steps:
+            def inputs() -> dict[str, Any]:  # a new dsl.Collected for each task (KFP's compiler rewrites it in place)
+                args: dict[str, Any] = {RUNTIME_PARAMETERS[k].split(":")[0]: v
+                                        for k, v in runtime_values.items() if k in step.params}
+                for arg, _, kind, src, out in input_args(step, steps, unrolled):
+                    channel = tasks[src].outputs[out]
+                    args[arg] = dsl.Collected(channel) if kind.startswith("List[") else channel
+                return args
+
+            items = fan_out_items(params, step)
+            if step.name in unrolled:  # one task per item, made here (is_unrolled says why)
+                for (n, sd), label in zip(items, unrolled[step.name]):
+                    task = comps[step.name](params=task_yaml(step, n, sd), data_version=data_version, **inputs())
+                    task.set_display_name(f"{step.name} {label}")
+                    configure(task, step)
+                    tasks[f"{step.name}{kfp_step.PART}{label}"] = task
+                continue
+            # A fan-out step is ONE ParallelFor over its foreach entries x seeds, each item the params slice of
+            # one task (its entry, its seed): a claims run's (experiment, seed) tasks all run side by side.
+            if is_fan_out(step):
+                with dsl.ParallelFor([task_yaml(step, n, sd) for n, sd in items], name=step.name,
+                                     parallelism=kf.parallelism) as it:
+                    task = comps[step.name](params=it, data_version=data_version, **inputs())
             else:
-                task = comps[step.name](params=task_yaml(step), data_version=data_version, **args)
+                task = comps[step.name](params=task_yaml(step), data_version=data_version, **inputs())
             task.set_display_name(step.name)
             configure(task, step)
             tasks[step.name] = task
@@ -278,13 +368,16 @@ def _images(args: argparse.Namespace, raw: dict[str, Any]) -> dict[str, str]:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     raw = _params(args)
-    out = compile_pipeline(raw, Path(args.output), **_images(args, raw))
+    out = compile_pipeline(raw, Path(args.output), steps=pipeline_steps(args.claims), **_images(args, raw))
     print(f"compiled {out} (upload it in the Kubeflow UI, or: python pipeline.py submit --host URL)")
     return 0
 
 
 def cmd_components(args: argparse.Namespace) -> int:
-    print("\n\n".join(component_source(s) for s in registry.STEPS), end="")
+    steps = pipeline_steps(args.claims)
+    params = validate_params(_params(args))
+    unrolled = {s.name: [item_label(n, sd) for n, sd in fan_out_items(params, s)] for s in steps if is_unrolled(s, steps)}
+    print("\n\n".join(component_source(s, steps, unrolled) for s in steps), end="")
     return 0
 
 
@@ -350,10 +443,11 @@ def cmd_run_local(args: argparse.Namespace) -> int:
                                  f"absolute one (-S 'data.mirrors=[\"{Path(m).resolve()}\"]').")
         image = args.image or validate_params(raw).kubeflow.image
         runner = docker_runner(raw, image)
-        pipeline_func = build_pipeline(raw, local=True, image=image, gpu_image=image)  # CPU here: one image
+        pipeline_func = build_pipeline(raw, local=True, image=image, gpu_image=image,  # CPU here: one image
+                                       steps=pipeline_steps(args.claims))
     else:
         runner = local.SubprocessRunner(use_venv=False)
-        pipeline_func = build_pipeline(raw, local=True)
+        pipeline_func = build_pipeline(raw, local=True, steps=pipeline_steps(args.claims))
     root = Path(args.pipeline_root).resolve()
     local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     print(f"[run-local] pipeline run {os.environ['CH11_PIPELINE_RUN']} ({args.runner}); artifacts under {root}",
@@ -442,9 +536,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not _version(str(health.get("tag_name", ""))):
         print(f"submit: the backend did not say its version; it must be {'.'.join(map(str, MIN_BACKEND))} or later",
               file=sys.stderr)
-    out = compile_pipeline(raw, Path(args.output), **_images(args, raw))
+    out = compile_pipeline(raw, Path(args.output), steps=pipeline_steps(args.claims), **_images(args, raw))
     client = kfp.Client(host=args.host, namespace=args.namespace, **auth)
-    run_name = args.run_name or f"ch11 {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    run_name = args.run_name or f"ch11{' claims' if args.claims else ''} {time.strftime('%Y-%m-%d %H:%M:%S')}"
     arguments = json.loads(args.arguments) if args.arguments else {}
     result = client.create_run_from_pipeline_package(str(out), arguments=arguments, run_name=run_name,
                                                      experiment_name=args.experiment, namespace=args.namespace)
@@ -467,6 +561,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--params", default=None, help="params file (default: params.yaml)")
         p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, e.g. -S experiments.elu.train.epochs=3 (as in dvc exp run -S)")
+        claims_flag(p)
+
+    def claims_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--claims", action="store_true",
+                       help="the claims run: the chapter, then every experiment again with each seed of claims.seeds "
+                            "(one ParallelFor over experiment x seed), MC dropout per seed and the claims report")
 
     def images(p: argparse.ArgumentParser) -> None:
         p.add_argument("--images", default=None, metavar="FILE",
@@ -481,8 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     common(c)
     images(c)
     c.set_defaults(func=cmd_compile)
-    sub.add_parser("components", help="print the Python source of every component (made from the registry)"
-                   ).set_defaults(func=cmd_components)
+    comp = sub.add_parser("components", help="print the Python source of every component (made from the registry)")
+    common(comp)
+    comp.set_defaults(func=cmd_components)
     r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local (CPU; subprocesses or containers)")
     common(r)
     r.add_argument("--pipeline-root", default="local_outputs", help="where kfp.local keeps the artifacts")

@@ -107,7 +107,7 @@ def load_data(params: Params, experiments_dir: Path, claims_dir: Path, mc_json: 
     exps, mc, transfer = sides_of(params)
     seeds = seeds_of(params)
     data: dict[str, Any] = {"experiments": {}, "mc": {}, "transfer": {}}
-    for name in exps:
+    for name in dict.fromkeys([*exps, *params.experiments]):  # the claims' sides, then every other experiment
         data["experiments"][name] = {
             s: _read_seed_file(experiment_path(name, s, params, experiments_dir, claims_dir), s, f"experiment {name!r}",
                                main=s == params.seed)
@@ -240,7 +240,7 @@ def _book_accuracy(entries: list[dict]) -> list[dict]:
 
 
 def ours_vs_book(params: Params, data: dict[str, Any], book: dict[str, list[dict]]) -> list[dict]:
-    """Per experiment the claims compare (and model B, B-on-A): valid / test accuracy over the seeds and the value
+    """Per experiment (and model B, B-on-A): valid / test accuracy over the seeds and the value
     the seeds print, with whether it lies within our range (min-max). A value printed at another epoch than our
     last one is shown but not compared (not the same quantity)."""
     rows: list[dict] = []

@@ -15,9 +15,11 @@ What it adds around the step:
   request is a known cluster failure mode), unless params allow CPU;
 * **resume**: where pipeline.py mounted the checkpoint volume (``kubeflow.checkpoints``), the training state
   goes there, so a task retried in a new pod resumes from its last finished epoch;
-* **artifacts**: fan-in inputs (a list of artifacts from a ParallelFor) become the directory the step
-  expects; each output artifact carries the workspace path it stands for in its metadata, and
-  Metrics artifacts get the step's scalar metrics for the KFP UI.
+* **artifacts**: fan-in inputs (a list of artifacts from a ParallelFor, or several such lists where several
+  steps fill one folder: ``<input>__<producer>``) become the directory the step expects, each file where its
+  workspace path puts it under the input's path (a seed's input, ``models/claims/seed_{seed}``, keeps only that
+  seed's); each output artifact carries the workspace path it stands for in its metadata, and Metrics artifacts
+  get the step's scalar metrics for the KFP UI.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ log = logging.getLogger("components.kfp")
 GPU_ENV = "CH11_REQUIRE_GPU"
 RUN_ID_ENV = "KFP_RUN_ID"  # from the pod's pipeline/runid label (pipeline.py)
 CHECKPOINT_ENV = "CH11_CHECKPOINT_VOLUME"  # set by pipeline.py where it mounts kubeflow.checkpoints.pvc
+PART = "__"  # component argument <input>__<producer>: one producer's part of an input several steps fill
 
 
 # Readers that go by the file name (Keras loads only ``*.keras``): such a file lives inside its artifact,
@@ -53,15 +56,25 @@ def artifact_file(art_path: str | Path, workspace_path: str) -> Path:
     return art_path / Path(workspace_path).name if workspace_path.endswith(NAMED_SUFFIXES) else art_path
 
 
-def _materialize(values: list[Any], into: Path) -> Path:
-    """A fan-in input: the artifacts of a ParallelFor, laid out as the directory the step reads."""
+def _materialize(values: list[Any], into: Path, workspace_dir: str) -> Path:
+    """A fan-in input: the artifacts of ParallelFor loops, laid out as the directory ``workspace_dir`` the step reads
+    (each where its workspace path puts it below that directory; those outside it, another seed's, are left out)."""
     into.mkdir(parents=True, exist_ok=True)
+    top = workspace_dir.rstrip("/") + "/"
+    kept = 0
     for art in values:
         rel = (art.metadata or {}).get("file")
         if not rel:
             raise ValueError(f"artifact {art.uri} has no 'file' metadata: was it written by a ch11 component?")
-        src, dst = artifact_file(art.path, rel), into / Path(rel).name
+        if not rel.startswith(top):
+            continue
+        src, dst = artifact_file(art.path, rel), into / rel[len(top):]
+        dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+        kept += 1
+    if values and not kept:
+        raise ValueError(f"none of the {len(values)} collected artifacts is under {workspace_dir}: "
+                         f"{sorted((a.metadata or {}).get('file', a.uri) for a in values)[:5]} ...")
     return into
 
 
@@ -138,6 +151,11 @@ def run_step(step_name: str, params: str, data_version: str, seed: int | None = 
     stop_on_sigterm()  # a pod's eviction (SIGTERM) ends the step's MLflow run as KILLED
     step = registry.get(step_name)
     expected = set(step.paths)
+    parts: dict[str, list[Any]] = {}  # an input in parts (<input>__<producer>[__<task>]) -> one list of artifacts
+    for name in [a for a in artifacts if PART in a and a.split(PART)[0] in step.inputs]:
+        art = artifacts.pop(name)
+        parts.setdefault(name.split(PART)[0], []).extend(art if _is_list(art) else [art])
+    artifacts.update(parts)
     if set(artifacts) != expected:
         raise TypeError(f"component for {step_name}: artifacts {sorted(artifacts)} != registry's {sorted(expected)}")
     set_context(step, data_version)
@@ -152,17 +170,20 @@ def run_step(step_name: str, params: str, data_version: str, seed: int | None = 
             if len(entries) != 1:
                 raise ValueError(f"{step_name}: the task's params must hold exactly one entry of {step.foreach}, got {entries}")
             item = entries[0]
-        workspace = step.bind(item)
+        run_seed = p.seed if step.seeds else None  # a seeds step's ParallelFor item sets the task's seed
+        workspace = step.bind(item, run_seed)
         paths: dict[str, Path] = {}
         for kwarg, art in artifacts.items():
             if kwarg in step.inputs and _is_list(art):
-                paths[kwarg] = _materialize(art, Path(tmp) / kwarg)
+                paths[kwarg] = _materialize(art, Path(tmp) / kwarg, workspace[kwarg])
             else:
                 paths[kwarg] = artifact_file(art.path, workspace[kwarg])
                 if kwarg not in step.inputs:
                     paths[kwarg].parent.mkdir(parents=True, exist_ok=True)
-                    art.metadata.update({"file": workspace[kwarg], "step": step_name, "item": item or ""})
-        log.info("running step %s%s on Kubeflow artifacts", step_name, f" {item}" if item else "")
+                    art.metadata.update({"file": workspace[kwarg], "step": step_name, "item": item or "",
+                                         **({"seed": run_seed} if run_seed is not None else {})})
+        log.info("running step %s%s%s on Kubeflow artifacts", step_name, f" {item}" if item else "",
+                 f" (seed {run_seed})" if run_seed is not None else "")
         registry.call(step, p, item, paths)
     metrics: dict[str, Any] = {}
     for kwarg in step.metrics:

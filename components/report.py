@@ -120,7 +120,10 @@ def build_report(
     md = ["# Training Deep Neural Networks — results", "",
           f"Fashion-MNIST: {card.get('full_train', {}).get('rows', '?')} train / {card.get('full_valid', {}).get('rows', '?')} valid / "
           f"{card.get('full_test', {}).get('rows', '?')} test images. Accuracies in %. 'book' = the value printed in the seed "
-          "documents (../shared/seeds) for the same quantity, at the same epoch.", ""]
+          "documents (../shared/seeds) for the same quantity, at the same epoch.", "",
+          f"One seed per experiment ({params.seed}), the book's protocol. Over seeds — mean ± std of every experiment, "
+          "whether the book's value lies within our range, and a verdict for each of the chapter's claims — see "
+          "[claims.md](claims.md) (`make claims`).", ""]
     md += ["## Experiments", "",
            "| group | experiment | epochs | batch | train acc | valid acc | test acc | valid loss | s/epoch | book | ours (same quantity) | diff |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

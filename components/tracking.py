@@ -540,6 +540,19 @@ def _guarded(describe):
     return deco
 
 
+def _log_inputs(client, run_id: str, inputs: list, tries: int = 4) -> None:
+    """``client.log_inputs``, again when another step created the same dataset at the same moment: MLflow's store
+    looks a dataset up, then inserts it, so two steps logging one new dataset at once make one of them fail on the
+    store's unique key (SQLite / SQL stores); the retry finds the dataset the other one wrote."""
+    for attempt in range(tries):
+        try:
+            return client.log_inputs(run_id, datasets=inputs)
+        except Exception as err:  # noqa: BLE001 - only the unique-key race is retried
+            if "UNIQUE constraint" not in str(err) and "Duplicate entry" not in str(err) or attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _names(d: dict, prefix: str = "", n: int = 6) -> str:
     keys = [prefix + str(k) for k in d]
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
@@ -651,7 +664,7 @@ class Tracker:
                 itags["dvc.dir_md5"] = dir_md5
             inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(k, v) for k, v in itags.items()]))
             tags[f"dvc.md5.{dvc_path}"] = itags.get("dvc.md5", "")
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        _log_inputs(self.client, self.run_id, inputs)
         if dir_md5:
             tags[f"dvc.md5.{dvc_dir}"] = dir_md5
         self.set_tags({k: v for k, v in tags.items() if v})
@@ -689,7 +702,7 @@ class Tracker:
             inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
                 InputTag("mlflow.data.context", "training"), InputTag("dvc.md5", digest), InputTag("dvc.path", p)]))
             tags[f"dvc.md5.{p}"] = digest
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        _log_inputs(self.client, self.run_id, inputs)
         self.set_tags(tags)
 
     def log_run(self, model, metrics: dict, history: list[dict], files: "list[Path] | dict[str, Path]", example=None):

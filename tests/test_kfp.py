@@ -621,3 +621,167 @@ def test_run_local_logs_one_parent_run_with_every_step_as_a_child(both_runs, mlf
     exp_run = children["leaky_relu"]
     assert exp_run.data.tags["data.version"] and exp_run.data.tags["git.commit"] != "unknown"
     assert len(c.get_metric_history(exp_run.info.run_id, "val_accuracy")) == CHAPTER_EPOCHS  # one point per epoch
+
+
+# ------------------------------------------------------------------------------------------ claims run (--claims)
+
+@pytest.fixture(scope="module")
+def compiled_claims(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kfp_claims") / "pipeline.yaml"
+    assert pipeline.main(["compile", "--claims", "-o", str(out)]) == 0
+    return list(yaml.safe_load_all(out.read_text()))[0]
+
+
+def test_claims_pipeline_fans_out_over_experiments_x_seeds_in_one_parallel_for(compiled_claims):
+    raw = resolve_defaults(load_raw(ROOT / "params.yaml"))
+    seeds, experiments = raw["claims"]["seeds"], list(raw["experiments"])
+    assert len(seeds) >= 2 and len(experiments) >= 2
+    root = compiled_claims["root"]["dag"]["tasks"]
+    comps = compiled_claims["components"]
+    # exactly one loop runs claims_experiment, its items every (experiment, seed) pair once
+    loops = {n: t for n, t in root.items() if "claims-experiment" in comps[t["componentRef"]["name"]].get("dag", {}).get("tasks", {})}
+    assert len(loops) == 1
+    (loop_name, loop), = loops.items()
+    slices = [yaml.safe_load(i) for i in json.loads(loop["parameterIterator"]["items"]["raw"])]
+    pairs = [(next(iter(s["experiments"])), s["seed"]) for s in slices]
+    assert all(len(s["experiments"]) == 1 for s in slices)
+    assert sorted(pairs) == sorted((e, s) for e in experiments for s in seeds)  # each pair once
+    for sl, (name, _) in zip(slices, pairs):
+        assert sl["experiments"][name] == raw["experiments"][name] and sl["runtime"] == raw["runtime"]
+    # MC dropout once per seed, on the models the loop collected; the claims task after both (and the chapter)
+    mc = {n: t for n, t in root.items() if t["componentRef"]["name"].startswith("comp-claims-mc-dropout")}
+    assert sorted(yaml.safe_load(t["inputs"]["parameters"]["params"]["runtimeValue"]["constant"])["seed"]
+                  for t in mc.values()) == sorted(seeds)
+    for t in mc.values():
+        assert loop_name in t["dependentTasks"]
+        assert t["inputs"]["artifacts"]["models_dir"]["taskOutputArtifact"]["producerTask"] == loop_name
+    claims = root["claims"]
+    assert {loop_name, *mc, "mc-dropout", "model-b", "b-on-a"} <= set(claims["dependentTasks"])
+    assert _param_const(claims) and yaml.safe_load(_param_const(claims))["claims"]["seeds"] == seeds
+    # the chapter's tasks are all there (a claims run reads its metrics), its experiment loop as in the main job
+    chapter = {t.replace("-", "_") for t in _tasks(compiled_claims) if t not in mc and t not in ("claims", "claims-experiment")}
+    assert chapter == set(_kfp_stages())
+    # the training tasks of a claims run are GPU tasks; the claims report is not
+    execs = compiled_claims["deploymentSpec"]["executors"]
+    tasks = _tasks(compiled_claims)
+    gpu = {n for n, t in tasks.items() if "accelerator" in execs[t["executor"]]["container"]["resources"]}
+    assert {"claims-experiment", *mc} <= gpu and "claims" not in gpu
+
+
+def test_default_compile_has_no_claims_tasks(compiled):
+    tasks = {t.replace("-", "_") for t in _tasks(compiled["spec"])}
+    assert tasks == set(_kfp_stages())
+    assert not any(t.startswith("claims") for t in tasks)
+    assert "claims-experiment" not in compiled["text"]
+
+
+def test_claims_pipeline_without_claims_seeds_is_refused_clearly(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert pipeline.main(["compile", "--claims", "-S", "claims.seeds=[]", "-o", str(out)]) == 2
+    assert "no claims.seeds" in capsys.readouterr().err and not out.exists()
+
+
+def test_claims_components_take_each_part_of_a_shared_folder():
+    out = run([sys.executable, str(ROOT / "pipeline.py"), "components", "--claims", "-S", "claims.seeds=[7,8]"], cwd=ROOT)
+    src = out.stdout
+    assert out.stdout.count("def ") == len(registry.STEPS) + len(registry.CLAIMS_STEPS)
+    assert "def claims_mc_dropout(params: str, data_version: str, splits_dir: Input[Dataset], models_dir: Input[List[Model]]" in src
+    claims = next(d for d in src.split("\n\n") if d.strip().startswith("def claims("))
+    # metrics/claims is filled by the claims experiments (a loop) and the MC dropout tasks (one per seed)
+    assert "claims_dir__claims_experiment: Input[List[Metrics]]" in claims
+    assert "claims_dir__claims_mc_dropout__7: Input[Metrics]" in claims and "claims_dir__claims_mc_dropout__8" in claims
+    assert "seed: int" in claims  # the main job's seed, a run-time parameter, which the claims pair with
+
+
+CLAIMS_KEEP = ("dropout", "dropout_none")  # an MC-dropout source and its baseline
+CLAIMS_SEED = 43
+
+
+def _claims_params(debian_dir: Path) -> dict:
+    """Tiny params for a claims run: two experiments, one claims seed, the claims whose sides these cover."""
+    from components.claims_schema import MC_SIDES, TRANSFER_SIDES
+
+    from .tiny import tiny_params
+
+    raw = tiny_params(mirrors=[str(debian_dir)])
+    raw["experiments"] = {k: raw["experiments"][k] for k in CLAIMS_KEEP}
+    raw["mc_dropout"]["sources"] = ["dropout"]
+
+    def covered(side: str) -> bool:
+        kind, _, source = side.partition("@")
+        return side in CLAIMS_KEEP or side in TRANSFER_SIDES or (kind in MC_SIDES and source in raw["mc_dropout"]["sources"])
+
+    raw["claims"]["seeds"] = [CLAIMS_SEED]
+    raw["claims"]["list"] = {n: c for n, c in raw["claims"]["list"].items()
+                             if all(covered(s) for s in c.get("order") or [c["better"], c["than"]])}
+    return raw
+
+
+def test_run_local_claims_trains_each_experiment_per_seed_and_reports_the_claims(
+        tmp_path, monkeypatch, debian_dir, mlflow_server):
+    """The claims pipeline under kfp.local (SubprocessRunner) on tiny params: the chapter's steps the claims read,
+    the (experiment, seed) loop, MC dropout per seed and the claims step, which pairs the chapter's seed with the
+    claims seed. (`run-local --claims` runs the same with the chapter's report and SELU simulation too.)"""
+    from kfp import local
+
+    raw = _claims_params(debian_dir)
+    claim_names = set(raw["claims"]["list"])
+    assert {"dropout_gap", "mc_dropout_ece", "transfer_error_rate"} <= claim_names
+    steps = [s for s in pipeline.pipeline_steps(claims=True) if s.name not in ("selu_simulation", "report")]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("CH11_PIPELINE_RUN", "kfp-local-claims")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp_out"),
+               raise_on_error=True)
+    pipeline.build_pipeline(raw, local=True, steps=steps)()
+
+    out = tmp_path / "kfp_out"
+    metrics = _kfp_metrics(out)
+    for name in CLAIMS_KEEP:
+        assert metrics[name]["experiment"] == name and len(_results(metrics[name])) >= 4, name
+    claims_models = [p for p in out.rglob("*.keras") if "claims-experiment" in str(p)]
+    assert sorted(p.name for p in claims_models) == sorted(f"{n}.keras" for n in CLAIMS_KEEP)
+    mc = [json.loads(p.read_text()) for p in out.rglob("metrics_path") if "claims-mc-dropout" in str(p)]
+    assert len(mc) == 1 and set(mc[0]) == {"dropout"}  # the seed's dropout model, sampled
+    # the claims step: every kept claim, over the chapter's seed and the claims seed
+    report = json.loads(next(out.rglob("claims_json")).read_text())
+    assert report["seeds"] == [raw["seed"], CLAIMS_SEED]
+    assert {r["claim"] for r in report["claims"]} == claim_names
+    assert all(r["n"] == 2 and r["verdict"] for r in report["claims"] if r["claim"] != "transfer_error_rate")
+    assert "dropout_gap" in next(out.rglob("report_md")).read_text()
+    assert next(out.rglob("forest_png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from mlflow import MlflowClient
+
+    c = MlflowClient(mlflow_server)
+    exp = c.get_experiment_by_name(raw["mlflow"]["experiment_name"] + registry.CLAIMS_EXPERIMENT_SUFFIX)
+    runs = c.search_runs([exp.experiment_id], filter_string="tags.`ch11.pipeline_run` = 'kfp-local-claims'")
+    trained = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("ch11.step") == "experiment"}
+    assert set(trained) == set(CLAIMS_KEEP)
+    assert all(r.data.tags["seed"] == str(CLAIMS_SEED) for r in trained.values())  # the item's seed, not `seed`
+
+
+def test_a_fan_in_keeps_the_tasks_seed_and_lays_shared_folders_out_by_workspace_path(tmp_path):
+    """run_step's fan-in: of the models collected over (experiment x seed), a seed's MC dropout keeps its seed's;
+    the claims step gets metrics/claims as the workspace has it, from the loop's list and the per-seed tasks."""
+    from types import SimpleNamespace
+
+    from components import kfp_step
+
+    def art(workspace_path: str, text: str):
+        p = tmp_path / "store" / text  # a .keras file lives inside its artifact, a JSON file is the artifact
+        f = kfp_step.artifact_file(p, workspace_path)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+        return SimpleNamespace(path=str(p), uri=str(p), metadata={"file": workspace_path})
+
+    step = registry.get("claims_mc_dropout")
+    models = [art(f"models/claims/seed_{s}/{n}.keras", f"{n}-{s}") for n in ("dropout", "elu") for s in (43, 44)]
+    into = kfp_step._materialize(models, tmp_path / "m", step.bind(None, 44)["models_dir"])
+    assert {p.name: p.read_text() for p in into.iterdir()} == {"dropout.keras": "dropout-44", "elu.keras": "elu-44"}
+    with pytest.raises(ValueError, match="none of the 4"):
+        kfp_step._materialize(models, tmp_path / "none", step.bind(None, 7)["models_dir"])
+    parts = [art("metrics/claims/seed_43/elu.json", "e43"), art("metrics/claims/mc_dropout/seed_43.json", "mc43")]
+    into = kfp_step._materialize(parts, tmp_path / "c", registry.get("claims").inputs["claims_dir"])
+    assert {str(p.relative_to(into)): p.read_text() for p in into.rglob("*.json")} == {
+        "seed_43/elu.json": "e43", "mc_dropout/seed_43.json": "mc43"}

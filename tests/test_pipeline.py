@@ -199,7 +199,7 @@ def test_registered_models_serve_with_mlflow_alone(repo, repro, mlflow_server, t
 def test_second_repro_is_a_no_op(repo, repro):
     out = run(["dvc", "repro"], cwd=repo).stdout
     assert "Running stage" not in out
-    assert "up to date" in run(["dvc", "status"], cwd=repo).stdout
+    assert "up to date" in run(["dvc", "status", "dvc.yaml"], cwd=repo).stdout  # the chapter (claims/dvc.yaml: make claims)
 
 
 def test_alias_moves_only_for_a_better_version(repo, repro, mlflow_server):

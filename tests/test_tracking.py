@@ -135,3 +135,41 @@ def test_every_experiment_of_params_yaml_names_its_family(params):
     assert all(e.family for e in params.experiments.values())
     assert params.transfer.model_a.family == params.transfer.model_b.family == "transfer"
     assert {e.family for e in params.experiments.values()} <= set(PREFIX_FAMILIES.values())
+
+
+def test_dataset_inputs_survive_two_steps_creating_the_same_dataset_at_once(tmp_path):
+    """MLflow's SQL store looks a dataset up, then inserts it: two steps logging one new dataset at the same moment
+    make one fail on the unique key. That step retries and links the dataset the other one wrote; other errors
+    are raised as they are."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.entities import DatasetInput
+
+    from components import tracking
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("race")
+    run = client.create_run(exp)
+    ds = MetaDataset(HTTPDatasetSource("dvc://data/splits/full_train.parquet"), name="full_train", digest="abc")
+    inputs = [DatasetInput(ds._to_mlflow_entity())]
+    calls = []
+
+    class RacingClient:  # the real client, whose first call loses the race as the SQL store reports it
+        def log_inputs(self, run_id, datasets):
+            calls.append(run_id)
+            if len(calls) == 1:
+                raise mlflow.exceptions.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                                        "datasets.experiment_id, datasets.name, datasets.digest")
+            return client.log_inputs(run_id, datasets=datasets)
+
+    tracking._log_inputs(RacingClient(), run.info.run_id, inputs)
+    assert len(calls) == 2
+    assert [d.dataset.name for d in client.get_run(run.info.run_id).inputs.dataset_inputs] == ["full_train"]
+
+    class BrokenClient:
+        def log_inputs(self, run_id, datasets):
+            raise mlflow.exceptions.MlflowException("no such run")
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="no such run"):
+        tracking._log_inputs(BrokenClient(), run.info.run_id, inputs)
