@@ -385,7 +385,7 @@ def render_md(params: Params, results: list[dict], book_rows: list[dict], info: 
            "The forest plot shows each claim's mean difference and interval in the direction the book expects "
            "(right of 0: as the book says), coloured by verdict.", ""]
     md += ["## Ours vs the book", "",
-           "Valid / test accuracy (%) of every experiment the claims compare, mean ± std over the seeds and the range "
+           "Valid / test accuracy (%) of every experiment, mean ± std over the seeds and the range "
            "(min–max), beside the value the seed documents print (`components/data/book_values.yaml`) and whether it "
            "lies within our range. A value printed at an earlier epoch than our last is not the same quantity: shown, "
            "not compared. The error-rate factor here is the arithmetic mean over the transfer seeds (the claim above "
@@ -457,7 +457,12 @@ def forest_plot(results: list[dict], path: Path, confidence: float) -> None:
                 ax.plot([lo, hi], [y, y], "-", color=colour, lw=2)
         ax.axvline(1 if g == "factor" else 0, color="black", lw=0.8)
         if g == "factor":
+            from matplotlib.ticker import FuncFormatter, LogLocator
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(0.25, 0.5, 1.0, 2.0, 4.0)))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"×{v:g}"))
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels([r["id"] for r in reversed(rows)], fontsize=7)
         ax.set_ylim(-0.7, len(rows) - 0.3)
