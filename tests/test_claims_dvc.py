@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from .conftest import copy_repo, run
-from .tiny import tiny_params
+from .tiny import keep_experiments, tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("claims-dvc")]
 
@@ -21,17 +21,7 @@ WARM = [sys.executable, "tools/warm.py", "run", "--"]  # as `make claims` runs t
 
 def trimmed(raw: dict) -> dict:
     """Tiny params with a few experiments and the claims that compare only those (plus MC dropout and B-on-A)."""
-    raw["experiments"] = {k: v for k, v in raw["experiments"].items() if k in KEPT}
-    sides_ok = KEPT | {"b_on_a", "model_b"} | {f"{k}@{s}" for k in ("mc_dropout", "deterministic")
-                                                  for s in raw["mc_dropout"]["sources"]}
-    claims = raw["claims"]["list"]
-    for name, c in list(claims.items()):
-        if c.get("order"):
-            c["order"] = [s for s in c["order"] if s in sides_ok]
-            if len(c["order"]) < 2:
-                del claims[name]
-        elif not {c["better"], c["than"]} <= sides_ok:
-            del claims[name]
+    keep_experiments(raw, KEPT)
     raw["claims"]["seeds"] = [43]
     raw["mlflow"]["enabled"] = False
     return raw

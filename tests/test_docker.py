@@ -26,6 +26,7 @@ import yaml
 
 from .conftest import ROOT, run
 from .test_kfp import _kfp_metrics, _results, one_parent_and_its_children
+from .tiny import keep_experiments
 
 sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402
@@ -150,8 +151,7 @@ def docker_run(chapter_repo, chapter_repro, mlflow_server, cpu_image, debian_dir
     """`pipeline.py run-local --runner docker` in the tiny chapter's clone, beside its `dvc repro`, on the same
     params cut to DOCKER_KEEP (each task's numbers depend only on its own params slice)."""
     raw = yaml.safe_load((chapter_repo / "params.yaml").read_text())
-    raw["experiments"] = {k: raw["experiments"][k] for k in DOCKER_KEEP}
-    raw["mc_dropout"]["sources"] = list(DOCKER_KEEP)
+    keep_experiments(raw, DOCKER_KEEP)
     assert raw["data"]["mirrors"] == [str(debian_dir)]  # a local folder: mounted into every container
     (chapter_repo / "docker_params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     t0 = time.monotonic()

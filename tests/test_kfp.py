@@ -19,6 +19,7 @@ from components import registry
 from components.config import load_raw, resolve_defaults
 
 from .conftest import CHAPTER_EPOCHS, ROOT, free_port, run
+from .tiny import keep_experiments, tiny_params
 
 sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402
@@ -554,7 +555,7 @@ def both_runs(chapter_repo, chapter_repro, mlflow_server):
     """`pipeline.py run-local` beside the `dvc repro` of the tiny chapter, in the same clone, on the same params
     (cut to three experiments: each task's numbers depend only on its own params slice)."""
     raw = yaml.safe_load((chapter_repo / "params.yaml").read_text())
-    raw["experiments"] = {k: raw["experiments"][k] for k in KEEP}
+    keep_experiments(raw, KEEP)
     (chapter_repo / "kfp_params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     proc = run([sys.executable, "-W", "ignore", "pipeline.py", "run-local", "--params", "kfp_params.yaml",
                 "--pipeline-root", "kfp_out"], cwd=chapter_repo, MLFLOW_TRACKING_URI=mlflow_server,
@@ -699,21 +700,8 @@ CLAIMS_SEED = 43
 
 def _claims_params(debian_dir: Path) -> dict:
     """Tiny params for a claims run: two experiments, one claims seed, the claims whose sides these cover."""
-    from components.claims_schema import MC_SIDES, TRANSFER_SIDES
-
-    from .tiny import tiny_params
-
-    raw = tiny_params(mirrors=[str(debian_dir)])
-    raw["experiments"] = {k: raw["experiments"][k] for k in CLAIMS_KEEP}
-    raw["mc_dropout"]["sources"] = ["dropout"]
-
-    def covered(side: str) -> bool:
-        kind, _, source = side.partition("@")
-        return side in CLAIMS_KEEP or side in TRANSFER_SIDES or (kind in MC_SIDES and source in raw["mc_dropout"]["sources"])
-
+    raw = keep_experiments(tiny_params(mirrors=[str(debian_dir)]), CLAIMS_KEEP)
     raw["claims"]["seeds"] = [CLAIMS_SEED]
-    raw["claims"]["list"] = {n: c for n, c in raw["claims"]["list"].items()
-                             if all(covered(s) for s in c.get("order") or [c["better"], c["than"]])}
     return raw
 
 

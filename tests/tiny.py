@@ -31,3 +31,23 @@ def write_tiny(path: Path, **kw) -> dict:
     raw = tiny_params(**kw)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return raw
+
+
+def keep_experiments(raw: dict, names) -> dict:
+    """``raw`` cut to the experiments ``names``: MC-dropout sources among them, and the claims whose sides are still
+    there (an order keeps its remaining members, if two are left), so that the cut params still validate."""
+    names = set(names)
+    raw["experiments"] = {k: v for k, v in raw["experiments"].items() if k in names}
+    if raw.get("mc_dropout"):
+        raw["mc_dropout"]["sources"] = [s for s in raw["mc_dropout"]["sources"] if s in names]
+    sources = raw["mc_dropout"]["sources"] if raw.get("mc_dropout") else []
+    sides = names | {"b_on_a", "model_b"} | {f"{k}@{s}" for k in ("mc_dropout", "deterministic") for s in sources}
+    claims = (raw.get("claims") or {}).get("list") or {}
+    for name, c in list(claims.items()):
+        if c.get("order"):
+            c["order"] = [s for s in c["order"] if s in sides]
+            if len(c["order"]) < 2:
+                del claims[name]
+        elif not {c["better"], c["than"]} <= sides:
+            del claims[name]
+    return raw
