@@ -212,6 +212,7 @@ CIFAR10_STEPS: tuple[Step, ...] = (
 # A pipeline of its own (claims/dvc.yaml) in the chapter's DVC project and workspace: it reads the main job's
 # data and metrics, and a plain `dvc repro` of the chapter never runs it.
 CLAIMS_SEEDS = "claims.seeds"
+CLAIMS_EXPERIMENT_SUFFIX = "-claims"
 _EXPERIMENT = next(s for s in STEPS if s.name == "experiment")
 _MC_DROPOUT = next(s for s in STEPS if s.name == "mc_dropout")
 CLAIMS_STEPS: tuple[Step, ...] = (
@@ -277,6 +278,7 @@ class Pipeline:
     guard: Step | None = None
     summary: str | None = None  # a metrics path of one of the steps (None: DVC shows none of this pipeline's)
     shared_workspace: bool = False  # its dvc.yaml is in ``directory``, its stages run in the repository root
+    mlflow_suffix: str = ""  # its runs go to the MLflow experiment ``mlflow.experiment_name`` + this
 
     @property
     def dvc_steps(self) -> tuple[Step, ...]:
@@ -303,7 +305,9 @@ PIPELINES: dict[str, Pipeline] = {
     "main": Pipeline("main", STEPS, guard=params_guard("check_params"), summary="metrics/summary.json"),
     "cifar10": Pipeline("cifar10", CIFAR10_STEPS, directory="cifar10", schema="Cifar10Params",
                         guard=params_guard("cifar10_check_params"), summary="metrics/summary.json"),
-    "claims": Pipeline("claims", CLAIMS_STEPS, directory="claims", shared_workspace=True),
+    # a claims run's runs (one per experiment and seed) apart from the chapter's (one per experiment)
+    "claims": Pipeline("claims", CLAIMS_STEPS, directory="claims", shared_workspace=True,
+                       mlflow_suffix=CLAIMS_EXPERIMENT_SUFFIX),
 }
 
 
@@ -412,16 +416,12 @@ def with_seed(params: Any, seed: int) -> Any:
 
 
 def for_pipeline(step: Step, params: Any) -> Any:
-    """The params a step runs with: a claims step's MLflow runs go to the experiment ``<experiment_name>-claims``,
-    so that the chapter's runs (one per experiment) and a claims run's (one per experiment and seed) stay apart."""
-    pipe = pipeline_of(step.name)
-    if pipe.name != "claims" or getattr(params, "mlflow", None) is None:
+    """The params a step runs with: its pipeline's ``mlflow_suffix`` appended to the MLflow experiment's name."""
+    suffix = pipeline_of(step.name).mlflow_suffix
+    if not suffix or getattr(params, "mlflow", None) is None:
         return params
-    name = params.mlflow.experiment_name + CLAIMS_EXPERIMENT_SUFFIX
+    name = params.mlflow.experiment_name + suffix
     return params.model_copy(update={"mlflow": params.mlflow.model_copy(update={"experiment_name": name})})
-
-
-CLAIMS_EXPERIMENT_SUFFIX = "-claims"
 
 
 def call(step: Step, params: Any, item: str | None, paths: dict[str, Any]) -> Any:
